@@ -1,0 +1,371 @@
+"""The one typed job config: every default fluxray has, with a one-line doc each.
+
+A job config is YAML (safe-loaded) plus `--set dotted.key=value` overrides whose
+values are parsed as YAML. Errors name the dotted key and the value, and an
+unknown key suggests the nearest real one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fluxray.errors import ConfigError
+
+#: The user's guide's three preview prompts; `[trigger]` becomes `dataset.trigger_word`.
+DEFAULT_SAMPLE_PROMPTS = [
+    "[trigger], professional portrait photo, high quality, detailed",
+    "[trigger], wearing formal attire, natural lighting, photorealistic",
+    "[trigger], close-up shot, sharp focus, studio lighting",
+]
+
+#: Value of `model.path` that means "the embedded tiny random-weight FLUX", built on first use.
+TINY_MODEL = "tiny"
+
+#: peft target modules: every attention and MLP projection of FLUX's double and single blocks.
+DEFAULT_LORA_TARGETS = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    "proj_mlp", "proj_out",
+]
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors, not silently ignored typos.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field("black-forest-labs/FLUX.1-dev", description="Base FLUX pipeline: a local diffusers folder, a hub id, or `tiny` for the embedded random-weight model.")
+    revision: str | None = Field(None, description="Hub revision of `path` (branch, tag or commit).")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="Dtype of the frozen base weights; `auto` is bf16 on GPU, fp32 on CPU.")
+    max_sequence_length: int = Field(512, ge=1, le=512, description="T5 tokens per caption: 512 for dev, 256 for schnell.")
+
+
+class DatasetConfig(_Section):
+    path: str | None = Field(None, description="A prepared dataset folder (metadata.jsonl), or a raw folder of images with captions that is prepared on submit.")
+    trigger_word: str | None = Field(None, description="The word that summons the subject; `None` takes the prepared dataset's trigger.")
+    caption_dropout: float = Field(0.05, ge=0.0, le=1.0, description="Probability that a step trains on an empty caption (helps the LoRA without its trigger).")
+    resolutions: list[int] = Field([512, 768, 1024], description="Aspect-bucket base sizes in pixels; images are never upscaled past their size.")
+    cache_latents: bool = Field(True, description="Encode each image once per bucket and reuse the latents (frees the VAE from the step).")
+    cache_text_embeddings: bool = Field(True, description="Encode each caption once and reuse the embeddings (frees CLIP and T5 from the step).")
+
+    @field_validator("resolutions")
+    @classmethod
+    def _resolutions(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("must list at least one resolution")
+        for r in v:
+            if r < 64 or r % 16:
+                raise ValueError(f"each resolution must be a multiple of 16 and >= 64, got {r}")
+        return sorted(set(v))
+
+
+class LoraConfig(_Section):
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank (dimension of the low-rank update).")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; `None` means alpha = rank (scale 1). Baked into the saved weights.")
+    targets: list[str] = Field(DEFAULT_LORA_TARGETS, min_length=1, description="Transformer module names (suffixes) that get a LoRA.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch during training.")
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
+class TrainConfig(_Section):
+    steps: int = Field(1000, ge=1, description="Optimizer steps; the guide: 500 minimum, 1000 recommended, 1500-2000 for highest quality.")
+    lr: float = Field(5e-4, gt=0, le=1.0, description="Peak learning rate of the LoRA weights.")
+    batch_size: int = Field(1, ge=1, description="Images per worker per micro-step (the guide: 1 is safe for FLUX).")
+    grad_accum: int = Field(1, ge=1, description="Micro-steps accumulated per optimizer step.")
+    optimizer: Literal["adamw"] = Field("adamw", description="torch AdamW, handed to DeepSpeed (no C++ op to compile).")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay on the LoRA weights.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field("constant", description="Learning-rate schedule after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps from 0 to `lr`.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; `None` disables clipping.")
+    ema: bool = Field(True, description="Keep an EMA of the LoRA weights and use it for previews and the saved file.")
+    ema_decay: float = Field(0.99, ge=0.0, lt=1.0, description="EMA decay per optimizer step.")
+    seed: int = Field(42, description="Seed of data order, noise and σ sampling.")
+    timestep_sampling: Literal["sigmoid", "uniform"] = Field("sigmoid", description="σ distribution: sigmoid (logit-normal) or uniform on (0, 1).")
+    timestep_shift: float = Field(1.0, gt=0, description="σ' = sσ/(1+(s-1)σ); 1 is no shift, kohya recommends 3.1582.")
+    guidance: float = Field(1.0, ge=0, description="Guidance-embedding value fed to FLUX.1-dev while training.")
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field("auto", description="Compute precision; `auto` is bf16 on GPU, fp32 on CPU.")
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="Recompute activations in backward; `auto` turns it on only when memory needs it.")
+    compile: bool = Field(False, description="torch.compile the transformer (first steps are slower).")
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _bool_words(cls, v: Any) -> Any:
+        # YAML reads `on`/`off` as booleans.
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        return v
+
+
+class SamplePrompt(_Section):
+    prompt: str = Field(..., min_length=1, description="Preview prompt; `[trigger]` is replaced by the trigger word.")
+    seed: int | None = Field(None, description="Seed of this prompt; `None` takes `sample.seed` (+ index when `walk_seed`).")
+    width: int | None = Field(None, description="Width override in pixels.")
+    height: int | None = Field(None, description="Height override in pixels.")
+    guidance: float | None = Field(None, description="Guidance-scale override.")
+    steps: int | None = Field(None, description="Sampling-steps override.")
+    lora_scale: float | None = Field(None, description="LoRA strength override (ai-toolkit `network_multiplier`).")
+
+
+class SampleConfig(_Section):
+    every: int = Field(50, ge=0, description="Make previews every N steps (and at step 0 and the end); 0 turns previews off.")
+    prompts: list[Union[str, SamplePrompt]] = Field(DEFAULT_SAMPLE_PROMPTS, description="Preview prompts: strings or {prompt, seed, ...} objects.")
+    seed: int = Field(42, description="Base seed of the previews.")
+    walk_seed: bool = Field(True, description="Prompt i without its own seed uses `seed + i`.")
+    width: int = Field(1024, ge=64, description="Preview width in pixels.")
+    height: int = Field(1024, ge=64, description="Preview height in pixels.")
+    steps: int = Field(20, ge=1, description="Flow-match Euler steps per preview.")
+    guidance: float = Field(3.5, ge=0, description="Guidance scale of the previews (3.5-4 for dev).")
+
+    @field_validator("width", "height")
+    @classmethod
+    def _mult16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"must be a multiple of 16, got {v}")
+        return v
+
+
+class SaveConfig(_Section):
+    every: int = Field(250, ge=1, description="Save a checkpoint and a LoRA file every N steps.")
+    keep_last: int = Field(3, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
+    name: str | None = Field(None, description="Name of the run and its LoRA file; `None` derives `<trigger>-<date>-<time>`.")
+    kohya: bool = Field(True, description="Also write `<name>.kohya.safetensors` in kohya's `lora_unet_*` format.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or "\\" in v or v.startswith(".")):
+            raise ValueError(f"must be a plain file name (no '/', no leading '.'), got {v!r}")
+        return v
+
+
+class DistributedConfig(_Section):
+    workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a GPU cluster).")
+    gpus_per_worker: Union[float, Literal["auto"]] = Field("auto", description="GPUs per worker; `auto` is 1 when the Ray cluster has GPUs, else 0 (CPU).")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    zero_stage: Union[Literal["auto"], Literal[0, 2, 3]] = Field("auto", description="DeepSpeed ZeRO stage: 0 replicated, 2 sharded optimizer+grads, 3 sharded base too; `auto` picks 0 when the base fits.")
+    max_failures: int = Field(2, ge=0, description="Worker failures survived by resuming from the last checkpoint.")
+
+    @field_validator("zero_stage", mode="before")
+    @classmethod
+    def _stage(cls, v: Any) -> Any:
+        if v not in ("auto", 0, 2, 3):
+            raise ValueError(f"must be auto, 0, 2 or 3 (ZeRO-1 is not offered: stage 2 costs the same for a LoRA), got {v!r}")
+        return v
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _gpus(cls, v: Any) -> Any:
+        if v != "auto" and v < 0:
+            raise ValueError(f"must be >= 0 or 'auto', got {v}")
+        return v
+
+
+class TrackingConfig(_Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; `None` takes $MLFLOW_TRACKING_URI, else a sqlite store under the storage root.")
+    experiment: str = Field("fluxray", description="MLflow experiment of the runs.")
+    register_model: str | None = Field(None, description="Register the final LoRA in the MLflow model registry under this name.")
+
+
+class StorageConfig(_Section):
+    root: str = Field("~/fluxray", description="Where datasets, caches, runs, LoRAs and the local MLflow store go (a path or a URI Ray accepts).")
+
+
+class ValidationConfig(_Section):
+    every: int | None = Field(None, ge=1, description="Fixed-noise validation loss every N steps; `None` follows `sample.every` (or `save.every` if previews are off).")
+    images: int = Field(4, ge=1, description="Training images held fixed for the validation loss.")
+    sigmas: list[float] = Field([0.1, 0.3, 0.5, 0.7, 0.9], min_length=1, description="Fixed σ values of the validation loss.")
+
+
+class JobConfig(_Section):
+    """A whole training job. Every default of fluxray lives in this tree."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    save: SaveConfig = Field(default_factory=SaveConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JobConfig":
+        if self.train.warmup_steps >= self.train.steps and self.train.warmup_steps > 0:
+            raise ValueError(
+                f"train.warmup_steps ({self.train.warmup_steps}) must be below train.steps ({self.train.steps})")
+        return self
+
+    # -- derived values ----------------------------------------------------------------
+    @property
+    def storage_root(self) -> Path:
+        return Path(os.path.expanduser(self.storage.root)).resolve()
+
+    @property
+    def validation_every(self) -> int:
+        return self.validation.every or self.sample.every or self.save.every
+
+    def sample_prompts(self, trigger: str) -> list[SamplePrompt]:
+        """The preview prompts resolved: `[trigger]` replaced, seed, size and guidance filled in."""
+        out = []
+        for i, p in enumerate(self.sample.prompts):
+            p = SamplePrompt(prompt=p) if isinstance(p, str) else p
+            seed = p.seed if p.seed is not None else self.sample.seed + (i if self.sample.walk_seed else 0)
+            out.append(SamplePrompt(
+                prompt=p.prompt.replace("[trigger]", trigger), seed=seed,
+                width=p.width or self.sample.width, height=p.height or self.sample.height,
+                guidance=p.guidance if p.guidance is not None else self.sample.guidance,
+                steps=p.steps or self.sample.steps,
+                lora_scale=p.lora_scale if p.lora_scale is not None else 1.0))
+        return out
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view of the whole resolved config (MLflow params)."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+# ---------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+# ---------------------------------------------------------------------------------------
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def all_keys(model: type[BaseModel] = JobConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the config tree, sections included."""
+    keys = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel) and ann is not SamplePrompt:
+            keys.extend(all_keys(ann, key + "."))
+    return keys
+
+
+def _suggest(key: str) -> str:
+    keys = all_keys()
+    head, _, leaf = key.rpartition(".")
+    if head.startswith("sample.prompts."):  # a key inside one prompt object
+        keys = [f"{head}.{f}" for f in SamplePrompt.model_fields]
+    # The right word in the wrong section (`lr` -> `train.lr`) beats a spelling match.
+    near = [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k != key][:1]
+    if not near:
+        near = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not near:
+        leaves = difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in keys], n=1, cutoff=0.6)
+        near = [k for k in keys if leaves and k.rsplit(".", 1)[-1] == leaves[0]][:1]
+    return f" (did you mean `{near[0]}`?)" if near else ""
+
+
+def _loc_key(loc: tuple) -> str:
+    # Drop pydantic's union-branch tags (`str`, `SamplePrompt`, `literal['auto']`) from the path.
+    parts = [str(p) for p in loc
+             if isinstance(p, int) or not (p[:1].isupper() or "[" in p or p in ("str", "int", "float", "bool"))]
+    return ".".join(parts) or "(top level)"
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    found: dict[str, list[str]] = {}
+    for e in err.errors():
+        key = _loc_key(e["loc"])
+        if e["type"] == "extra_forbidden":
+            found.setdefault(key, []).append(f"unknown key{_suggest(key)}")
+        elif e["type"] == "missing":
+            found.setdefault(key, []).append("required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if "got " not in msg:
+                msg += f", got {e.get('input')!r}"
+            found.setdefault(key, []).append(msg)
+    # A union reports every branch; keep the most specific path, and join a key's alternatives.
+    keys = [k for k in found if not any(o != k and o.startswith(k + ".") for o in found)]
+    lines = [f"{k}: {' or '.join(dict.fromkeys(found[k]))}" for k in keys]
+    return f"invalid config{f' {source}' if source else ''}:\n  " + "\n  ".join(lines)
+
+
+def parse_yaml_text(text: str, source: str = "") -> dict[str, Any]:
+    """Safe-load YAML that must be a mapping; errors say where."""
+    if "\t" in text:
+        line = next(i for i, ln in enumerate(text.splitlines(), 1) if "\t" in ln)
+        raise ConfigError(f"{source or 'config'}: line {line}: YAML forbids tabs for indentation; use spaces")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source or 'config'}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source or 'config'}: must be a mapping of sections (model, dataset, train, ...), got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected dotted.key=value")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from None
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {key}: `{'.'.join(parts[:i + 1])}` is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def build_config(data: dict[str, Any], overrides: list[str] = (), source: str = "") -> JobConfig:
+    """Validate a config mapping (plus overrides) into a JobConfig, or raise ConfigError."""
+    data = dict(data)
+    for o in overrides:
+        apply_override(data, o)
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
+    """Load a YAML job config (or the defaults when `path` is None) with `--set` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config {p}: {e}") from None
+        data = parse_yaml_text(text, str(p))
+    return build_config(data, overrides, str(path) if path else "")
+
+
+def dump_config(cfg: JobConfig) -> str:
+    """The resolved config as YAML (what a job actually ran with)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=False), sort_keys=False)
