@@ -139,6 +139,7 @@ class SaveConfig(_Section):
     every: int = Field(250, ge=1, description="Save a checkpoint and a LoRA file every N steps.")
     keep_last: int = Field(3, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
     name: str | None = Field(None, description="Name of the run and its LoRA file; `None` derives `<trigger>-<date>-<time>`.")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of the saved LoRA tensors.")
     kohya: bool = Field(True, description="Also write `<name>.kohya.safetensors` in kohya's `lora_unet_*` format.")
 
     @field_validator("name")

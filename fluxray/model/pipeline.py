@@ -43,12 +43,17 @@ def resolve_model_path(cfg: JobConfig) -> str:
 
 
 def load_pipeline(path: str, dtype: torch.dtype = torch.float32, revision: str | None = None,
-                  device: torch.device | str = "cpu"):
-    """`FluxPipeline.from_pretrained` with a clear error when the weights are not there."""
+                  device: torch.device | str = "cpu", text_encoders: bool = True):
+    """`FluxPipeline.from_pretrained` with a clear error when the weights are not there.
+
+    `text_encoders=False` skips CLIP and T5 (T5-XXL alone is 9.5 GB) for a job whose
+    caption embeddings are cached; `attach_text_encoders` loads them if needed after all.
+    """
     from diffusers import FluxPipeline
 
+    skip = {"text_encoder": None, "text_encoder_2": None} if not text_encoders else {}
     try:
-        pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype, revision=revision)
+        pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype, revision=revision, **skip)
     except (OSError, ValueError, EnvironmentError) as e:
         raise FluxrayError(
             f"model.path: cannot load a FLUX pipeline from {path!r}: {e}. "
@@ -60,3 +65,16 @@ def load_pipeline(path: str, dtype: torch.dtype = torch.float32, revision: str |
 def is_guidance_distilled(transformer) -> bool:
     """FLUX.1-dev takes a guidance embedding; schnell does not."""
     return bool(getattr(transformer.config, "guidance_embeds", False))
+
+
+def attach_text_encoders(pipe, path: str, dtype: torch.dtype, revision: str | None = None,
+                         device: torch.device | str = "cpu") -> None:
+    """Load CLIP and T5 into a pipeline that was loaded without them."""
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    if pipe.text_encoder is None:
+        pipe.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype,
+                                                          revision=revision).to(device)
+    if pipe.text_encoder_2 is None:
+        pipe.text_encoder_2 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=dtype,
+                                                             revision=revision).to(device)

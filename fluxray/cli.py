@@ -1,0 +1,115 @@
+"""The `fluxray` command: thin wrappers over the library functions the jobs and the API call.
+
+Each subcommand is a `_cmd_<name>(args)` function plus one `add_parser` block in
+`build_parser`. A `FluxrayError` prints as one line (exit 2), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from fluxray.errors import FluxrayError
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--config", "-c", required=required, help="job config YAML (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key; the value is parsed as YAML (repeatable)")
+
+
+def _load(args):
+    from fluxray.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+# -- subcommands ---------------------------------------------------------------------------
+
+def _cmd_prepare(args) -> int:
+    from fluxray.data.prepare import PrepareError, prepare_dataset
+
+    try:
+        report = prepare_dataset(Path(args.images), Path(args.captions) if args.captions else None,
+                                 trigger_word=args.trigger, out_dir=Path(args.out), strict=args.strict)
+    except PrepareError as e:
+        print(e.report.format(), file=sys.stderr)
+        raise
+    print(report.format())
+    return 0
+
+
+def _cmd_make_tiny_model(args) -> int:
+    from fluxray.model.tiny import make_tiny_model
+
+    out = make_tiny_model(Path(args.dir), seed=args.seed)
+    print(f"tiny FLUX pipeline written to {out}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from fluxray.train.job import run_job
+
+    cfg = _load(args)
+    summary = run_job(cfg, local=args.local, resume=args.resume)
+    print(f"done: {summary.get('steps')} steps, final loss {summary.get('loss', float('nan')):.4f}, "
+          f"LoRA {summary.get('lora')}")
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from fluxray.config import dump_config
+
+    print(dump_config(_load(args)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fluxray", description="Train FLUX.1 LoRAs on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="prepare a dataset: images + captions + trigger word -> metadata.jsonl")
+    p.add_argument("images", help="folder of images (never modified)")
+    p.add_argument("--captions", help="captions JSON, JSON list or metadata.jsonl (default: .txt sidecars)")
+    p.add_argument("--trigger", required=True, help="trigger word, e.g. pxco")
+    p.add_argument("--out", required=True, help="output folder of the prepared dataset")
+    p.add_argument("--strict", action="store_true", help="make every problem fatal")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("make-tiny-model", help="write the tiny random-weight FLUX pipeline (diffusers format)")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_tiny_model)
+
+    p = sub.add_parser("train", help="train a LoRA (on Ray Train workers, or --local in this process)")
+    _add_config_args(p, required=True)
+    p.add_argument("--local", action="store_true", help="run in this process without Ray")
+    p.add_argument("--resume", action="store_true", help="resume the run named by save.name from its last checkpoint")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("config", help="print the resolved config (defaults + file + --set)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except FluxrayError as e:
+        print(f"fluxray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fluxray {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Latent and text-embedding caches under the storage root, keyed by content, model and size.
+
+Each image is VAE-encoded once per bucket and each caption (and preview prompt) once
+through CLIP and T5. Workers split the missing entries between them, and later jobs on
+the same data reuse every file, so the training step never needs the encoders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from fluxray.data.buckets import Item
+from fluxray.model.generate import PromptEmbeds, encode_prompt
+
+log = logging.getLogger(__name__)
+
+
+def sha(data: bytes | str, n: int = 20) -> str:
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return hashlib.sha256(data).hexdigest()[:n]
+
+
+def model_key(model_path: str, revision: str | None) -> str:
+    """Caches depend on the VAE and text encoders, so on the base model they came from."""
+    p = Path(model_path)
+    ident = str(p.resolve()) if p.exists() else model_path
+    return sha(f"{ident}@{revision or 'main'}", 12)
+
+
+@dataclass
+class CacheStats:
+    latents_computed: int = 0
+    latents_reused: int = 0
+    texts_computed: int = 0
+    texts_reused: int = 0
+
+
+@dataclass
+class Caches:
+    """What the training loop reads instead of images and captions."""
+
+    latents: dict[Item, tuple[torch.Tensor, torch.Tensor]]   # (mean, logvar), (C, h, w)
+    texts: dict[str, PromptEmbeds]
+    stats: CacheStats = field(default_factory=CacheStats)
+
+
+def pixels_for_bucket(image, size: tuple[int, int]) -> torch.Tensor:
+    """Resize to cover the bucket, centre-crop, scale to [-1, 1]: (3, h, w)."""
+    from PIL import Image
+
+    w, h = size
+    scale = max(w / image.width, h / image.height)
+    rw, rh = max(w, round(image.width * scale)), max(h, round(image.height * scale))
+    img = image.resize((rw, rh), Image.Resampling.LANCZOS)
+    left, top = (rw - w) // 2, (rh - h) // 2
+    img = img.crop((left, top, left + w, top + h))
+    arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
+    return arr / 127.5 - 1.0
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+class CacheStore:
+    """File layout: `<root>/cache/<model_key>/latents/<image sha>-<w>x<h>.safetensors` and
+    `<root>/cache/<model_key>/text-<max_len>/<text sha>.safetensors`."""
+
+    def __init__(self, root: Path, mkey: str, max_sequence_length: int):
+        self.dir = Path(root) / "cache" / mkey
+        self.max_len = max_sequence_length
+
+    def latent_path(self, image_sha: str, size: tuple[int, int]) -> Path:
+        return self.dir / "latents" / f"{image_sha}-{size[0]}x{size[1]}.safetensors"
+
+    def text_path(self, text: str) -> Path:
+        return self.dir / f"text-{self.max_len}" / f"{sha(text)}.safetensors"
+
+
+def build_caches(pipe, *, store: CacheStore, images: list[Path], items: list[Item], texts: list[str],
+                 load_text_encoders, rank: int = 0, world_size: int = 1, barrier=lambda: None) -> Caches:
+    """Fill the missing cache entries (each rank its share), then load all of them.
+
+    `load_text_encoders()` attaches CLIP and T5 to `pipe`; it is called only when some text
+    is missing, so a fully cached dataset never loads T5 at all.
+    """
+    from fluxray.data.images import load_image
+
+    image_shas = [sha(p.read_bytes()) for p in images]
+    stats = CacheStats()
+    missing_lat = [it for it in items if not store.latent_path(image_shas[it.index], it.size).exists()]
+    uniq_texts = list(dict.fromkeys(texts))
+    missing_txt = [t for t in uniq_texts if not store.text_path(t).exists()]
+    mine_lat = missing_lat[rank::world_size]
+    mine_txt = missing_txt[rank::world_size]
+
+    if mine_lat:
+        vae = pipe.vae
+        dev, dt = vae.device, vae.dtype
+        for it in mine_lat:
+            px = pixels_for_bucket(load_image(images[it.index]), it.size)
+            with torch.no_grad():
+                dist = vae.encode(px[None].to(dev, dt)).latent_dist
+            _atomic_save({"mean": dist.mean[0].float(), "logvar": dist.logvar[0].float()},
+                         store.latent_path(image_shas[it.index], it.size))
+    if mine_txt:
+        load_text_encoders()
+        for t in mine_txt:
+            e = encode_prompt(pipe, t, store.max_len)
+            _atomic_save({"prompt_embeds": e.prompt_embeds[0].float(), "pooled": e.pooled[0].float()},
+                         store.text_path(t))
+    barrier()  # every rank's share is on disk before anyone reads
+
+    stats.latents_computed, stats.latents_reused = len(missing_lat), len(items) - len(missing_lat)
+    stats.texts_computed, stats.texts_reused = len(missing_txt), len(uniq_texts) - len(missing_txt)
+    latents = {}
+    for it in items:
+        d = load_file(str(store.latent_path(image_shas[it.index], it.size)))
+        latents[it] = (d["mean"], d["logvar"])
+    text = {}
+    for t in uniq_texts:
+        d = load_file(str(store.text_path(t)))
+        text[t] = PromptEmbeds(d["prompt_embeds"][None], d["pooled"][None])
+    return Caches(latents, text, stats)

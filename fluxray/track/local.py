@@ -1,0 +1,53 @@
+"""The run's own record on disk: metrics.jsonl, preview PNGs and status, under the run folder.
+
+Always written by rank 0, whatever MLflow does: the HTTP API reads job progress from
+here, and it is the copy that survives a tracking outage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+class RunRecord:
+    """Append-only files in `<storage>/runs/<name>/`: `metrics.jsonl`, `samples/`, `status.json`."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir)
+        (self.dir / "samples").mkdir(parents=True, exist_ok=True)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+
+    def sample_path(self, key: str, step: int) -> Path:
+        return self.dir / "samples" / f"step{step:06d}-{key}.png"
+
+    def save_image(self, image, key: str, step: int) -> Path:
+        path = self.sample_path(key, step)
+        image.save(path)
+        return path
+
+    def set_status(self, **fields) -> None:
+        path = self.dir / "status.json"
+        cur = json.loads(path.read_text()) if path.exists() else {}
+        cur.update(fields, updated=time.time())
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cur, indent=1))
+        tmp.replace(path)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every metrics line of a run; a torn last line (crash mid-write) is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

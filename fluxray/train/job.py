@@ -1,0 +1,141 @@
+"""The job driver: resolve the config, prepare the data, open the MLflow run, then train.
+
+`run_job` is what `jobs/train.py`, `fluxray train` and the HTTP API all call. It runs the
+loop in this process (`local=True`) or on Ray Train workers (`fluxray.train.ray_trainer`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from fluxray.config import JobConfig, dump_config
+from fluxray.errors import ConfigError
+
+log = logging.getLogger("fluxray.job")
+
+
+def resolve_job(cfg: JobConfig) -> JobConfig:
+    """Fill in what the driver decides once for all workers: the dataset and the run name."""
+    from fluxray.data.prepare import is_prepared, prepare_dataset, read_prepared
+
+    if not cfg.dataset.path:
+        raise ConfigError("dataset.path: required: a prepared dataset (fluxray prepare) or a folder of images with captions")
+    src = Path(cfg.dataset.path).expanduser()
+    if not src.exists():
+        raise ConfigError(f"dataset.path: {str(src)!r} does not exist")
+    update: dict = {}
+    if not is_prepared(src):
+        # A raw folder (images + captions.json / .txt sidecars): prepare it under the storage root,
+        # content-addressed so a resubmit reuses it. The upload itself is never touched.
+        from fluxray.data.cache import sha
+
+        trigger = cfg.dataset.trigger_word or _trigger_file(src)
+        if not trigger:
+            raise ConfigError(f"dataset.trigger_word: required to prepare the raw folder {src} (or put it in trigger.txt)")
+        out = cfg.storage_root / "datasets" / f"{src.name}-{sha(str(src.resolve()) + trigger, 10)}"
+        if not is_prepared(out):
+            captions = next((src / n for n in ("captions.json",) if (src / n).exists()), None)
+            report = prepare_dataset(src, captions, trigger_word=trigger, out_dir=out)
+            print(report.format(), flush=True)
+        update["dataset"] = {**cfg.dataset.model_dump(), "path": str(out), "trigger_word": trigger}
+        src = out
+    info = read_prepared(src).info
+    trigger = cfg.dataset.trigger_word or info.trigger_word
+    if "dataset" not in update:
+        update["dataset"] = {**cfg.dataset.model_dump(), "path": str(src.resolve()), "trigger_word": trigger}
+    if not cfg.save.name:
+        update["save"] = {**cfg.save.model_dump(), "name": f"{trigger}-{time.strftime('%Y%m%d-%H%M%S')}"}
+    # Build the embedded tiny model here, once, before any worker looks for it (transformers
+    # skips writing weights from a process that is not rank 0 of a process group).
+    from fluxray.model.pipeline import resolve_model_path
+
+    resolve_model_path(cfg)
+    # Absolute paths: Ray workers and `ray job submit` run in other working directories.
+    update["storage"] = {"root": str(cfg.storage_root)}
+    data = cfg.model_dump()
+    for k, v in update.items():
+        data[k] = v
+    return JobConfig.model_validate(data)
+
+
+def _trigger_file(src: Path) -> str | None:
+    f = src / "trigger.txt"
+    return f.read_text(encoding="utf-8").strip() if f.exists() else None
+
+
+def run_dir(cfg: JobConfig) -> Path:
+    return cfg.storage_root / "runs" / cfg.save.name
+
+
+def write_run_config(cfg: JobConfig) -> Path:
+    """The resolved config beside the run: what it actually ran with, and what `--resume` reads."""
+    d = run_dir(cfg)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "config.yaml"
+    path.write_text(dump_config(cfg), encoding="utf-8")
+    return path
+
+
+def run_job(cfg: JobConfig, local: bool = False, resume: bool = False) -> dict:
+    """Resolve, record and run one training job; the one function every entry point calls."""
+    from fluxray.track import make_tracker
+    from fluxray.track.mlflow_run import start_job_run
+
+    if resume and not cfg.save.name:
+        raise ConfigError("save.name: --resume needs the name of the run to resume")
+    cfg = resolve_job(cfg)
+    existing = (run_dir(cfg) / "config.yaml").exists()
+    if resume and not existing:
+        raise ConfigError(f"save.name: no run named {cfg.save.name!r} under {cfg.storage_root / 'runs'} to resume")
+    if existing and not resume:
+        print(f"run {cfg.save.name!r} exists: resuming from its last checkpoint", flush=True)
+    write_run_config(cfg)
+    run_id = start_job_run(cfg, resume=existing)
+    print(f"run {cfg.save.name}: {cfg.train.steps} steps on {cfg.distributed.workers} worker(s)"
+          f"{' (local)' if local else ''}; MLflow run {run_id}", flush=True)
+    if local:
+        tracker = make_tracker(cfg, run_id)
+        try:
+            return run_local(cfg, resume=existing, tracker=tracker)
+        finally:
+            tracker.close()
+    from fluxray.train.ray_trainer import run_ray
+
+    return run_ray(cfg, run_id)
+
+
+def run_local(cfg: JobConfig, resume: bool = False, tracker=None) -> dict:
+    """The whole loop in this process: a world of one, checkpoints under the run folder."""
+    from fluxray.train.engine import init_single_process_group
+    from fluxray.train.loop import STATE_FILE, WorkerContext, train_worker
+
+    ckpt_root = run_dir(cfg) / "checkpoints"
+    resume_dir = latest_checkpoint(ckpt_root) if resume else None
+
+    def report(metrics: dict, ckpt: Path) -> None:
+        # Keep the newest `save.keep_last` complete checkpoints.
+        done = sorted(p for p in ckpt_root.iterdir() if (p / STATE_FILE).exists())
+        for old in done[:-cfg.save.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    init_single_process_group()
+    ctx = WorkerContext(rank=0, world_size=1, resume_dir=resume_dir, report=report,
+                        checkpoint_dir=lambda step: ckpt_root / f"step{step:06d}")
+    return train_worker(cfg, ctx, tracker)
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    from fluxray.train.loop import STATE_FILE
+
+    if not ckpt_root.exists():
+        return None
+    done = sorted(p for p in ckpt_root.iterdir() if (p / STATE_FILE).exists())
+    return done[-1] if done else None
+
+
+def summary_json(summary: dict) -> str:
+    return json.dumps(summary, indent=1, default=str)

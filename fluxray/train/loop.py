@@ -1,0 +1,424 @@
+"""The training recipe: set up → cache → train → preview → save, on every rank.
+
+`train_worker` is the whole loop. It runs unchanged in one local process (a world of
+one) and inside each Ray Train worker; `WorkerContext` carries what differs: rank,
+world size, the checkpoint to resume from and how to report a checkpoint.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fluxray.config import JobConfig
+from fluxray.data.buckets import check_fits, make_items, rank_batch
+from fluxray.data.cache import CacheStore, build_caches, model_key
+from fluxray.model.generate import generate, image_grid
+from fluxray.model.lora import (add_lora, export_state_dict, lora_metadata, lora_named_params,
+                                restore_lora_scale, save_lora, set_lora_scale)
+from fluxray.model.pipeline import is_guidance_distilled, load_pipeline, resolve_device, resolve_dtype, resolve_model_path
+from fluxray.train.engine import activation_estimate, choose_zero_stage, gathered, init_engine
+from fluxray.train.flow import ema_decay_at, ema_update
+from fluxray.train.step import StepSpec, training_loss, validation_cases, validation_loss_sum
+
+log = logging.getLogger("fluxray.train")
+
+STATE_FILE = "fluxray_state.json"
+LORA_STATE_FILE = "fluxray_lora.safetensors"
+
+
+@dataclass
+class WorkerContext:
+    """What differs between a local run and a Ray Train worker."""
+
+    rank: int = 0
+    world_size: int = 1
+    resume_dir: Path | None = None
+    #: Called on every rank at each save with (metrics, local checkpoint dir).
+    report: Callable[[dict, Path], None] = lambda metrics, ckpt: None
+    #: Where this rank writes a checkpoint before `report` hands it over.
+    checkpoint_dir: Callable[[int], Path] = field(default=lambda step: Path("checkpoints") / f"step{step:06d}")
+
+
+@dataclass
+class RunPaths:
+    """Everything a run writes, under the storage root."""
+
+    root: Path
+    name: str
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "runs" / self.name
+
+    @property
+    def final_lora(self) -> Path:
+        return self.root / "loras" / f"{self.name}.safetensors"
+
+    def step_lora(self, step: int) -> Path:
+        return self.run_dir / "loras" / f"{self.name}-step{step:06d}.safetensors"
+
+
+def _seed_for(seed: int, rank: int, micro_step: int) -> int:
+    # Randomness derived from (seed, rank, step): a resumed run draws the same noise.
+    return (seed * 1_000_003 + rank * 7_919 + micro_step) % (2**63)
+
+
+def _all_reduce_sum(values: list[float], world_size: int) -> list[float]:
+    if world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=resolve_device())
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+class _Progress:
+    """tqdm on a terminal; a plain log line every few steps otherwise (`ray job logs`)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.enabled, self.total = enabled, total
+        self.bar = None
+        self.every = max(1, total // 50)
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, loss: float, sec_per_step: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+            self.bar.update(1)
+        elif step % self.every == 0 or step == self.total:
+            eta = sec_per_step * (self.total - step)
+            print(f"step {step}/{self.total} loss {loss:.4f} {1 / max(sec_per_step, 1e-9):.2f} step/s "
+                  f"eta {eta:.0f}s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
+    """Run (or resume) the whole job on this rank; returns a summary. `tracker` only on rank 0."""
+    from fluxray.data.prepare import read_prepared
+
+    rank, world = ctx.rank, ctx.world_size
+    is_main = rank == 0
+    device = resolve_device()
+    base_dtype = resolve_dtype(cfg.model.dtype, device)
+    bf16 = device.type == "cuda" and cfg.train.mixed_precision in ("auto", "bf16")
+    torch.manual_seed(cfg.train.seed)
+    paths = RunPaths(cfg.storage_root, cfg.save.name)
+
+    # -- data ---------------------------------------------------------------------------
+    from PIL import Image
+
+    dataset = read_prepared(Path(cfg.dataset.path))
+    trigger = cfg.dataset.trigger_word or dataset.info.trigger_word
+    images = [path for path, _ in dataset.items]
+    captions = [text for _, text in dataset.items]
+    sizes = []
+    for path in images:
+        with Image.open(path) as im:  # header only
+            sizes.append(im.size)
+    items = make_items(sizes, cfg.dataset.resolutions)
+    check_fits(items, cfg.train.batch_size, world)
+    prompts = cfg.sample_prompts(trigger)
+
+    # -- model and caches ---------------------------------------------------------------
+    model_path = resolve_model_path(cfg)
+    pipe = load_pipeline(model_path, base_dtype, cfg.model.revision, device, text_encoders=False)
+    store = CacheStore(cfg.storage_root, model_key(model_path, cfg.model.revision), cfg.model.max_sequence_length)
+
+    def load_text_encoders():
+        from fluxray.model.pipeline import attach_text_encoders
+
+        attach_text_encoders(pipe, model_path, base_dtype, cfg.model.revision, device)
+
+    t0 = time.time()
+    caches = build_caches(pipe, store=store, images=images, items=items,
+                          texts=captions + [""] + [p.prompt for p in prompts],
+                          load_text_encoders=load_text_encoders, rank=rank, world_size=world,
+                          barrier=torch.distributed.barrier if world > 1 else (lambda: None))
+    cache_seconds = time.time() - t0
+    # The step reads only the caches: drop the text encoders and the VAE encoder.
+    pipe.text_encoder = pipe.text_encoder_2 = None
+    pipe.vae.encoder = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    transformer = pipe.transformer
+    spec = StepSpec(shift_factor=pipe.vae.config.shift_factor or 0.0, scaling_factor=pipe.vae.config.scaling_factor,
+                    guidance=cfg.train.guidance if is_guidance_distilled(transformer) else None,
+                    timestep_sampling=cfg.train.timestep_sampling, timestep_shift=cfg.train.timestep_shift,
+                    caption_dropout=cfg.dataset.caption_dropout, device=device,
+                    dtype=torch.bfloat16 if bf16 else base_dtype)
+
+    # -- LoRA and the DeepSpeed engine ----------------------------------------------------
+    base_params = sum(p.numel() for p in transformer.parameters())
+    gpu_mem = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    tokens = max(w * h for w, h in {it.size for it in items}) // 256 + cfg.model.max_sequence_length
+    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    layers = transformer.config.num_layers + transformer.config.num_single_layers
+    checkpointing = cfg.train.gradient_checkpointing == "on"
+    act = activation_estimate(hidden, layers, tokens, cfg.train.batch_size, 2 if bf16 else 4, checkpointing)
+    if cfg.train.gradient_checkpointing == "auto" and gpu_mem is not None:
+        checkpointing = base_params * 2 + act > 0.85 * gpu_mem
+        act = activation_estimate(hidden, layers, tokens, cfg.train.batch_size, 2, checkpointing)
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    stage, reason = choose_zero_stage(cfg.distributed.zero_stage, base_params=base_params,
+                                      bytes_per_param=2 if bf16 else 4, gpu_memory=gpu_mem, activation_bytes=act)
+    if is_main:
+        log.info("ZeRO stage %d: %s", stage, reason)
+        print(f"ZeRO stage {stage}: {reason}", flush=True)
+
+    lora_params = add_lora(transformer, cfg.lora, seed=cfg.train.seed)
+    names = list(lora_named_params(transformer))
+    if cfg.train.compile:
+        transformer = torch.compile(transformer)
+    engine, optimizer, schedule = init_engine(transformer, lora_params, cfg, world, stage, bf16)
+    module = engine.module
+    with gathered(lora_params, stage):
+        ema = [p.detach().float().clone() for p in lora_params] if cfg.train.ema else None
+
+    # -- resume ---------------------------------------------------------------------------
+    start = 0
+    if ctx.resume_dir is not None:
+        start, ema = _load_checkpoint(engine, ctx.resume_dir, lora_params, ema, stage, world)
+        if is_main:
+            print(f"resumed from {ctx.resume_dir} at step {start}", flush=True)
+
+    val = validation_cases(items, captions, cfg.validation.images, cfg.validation.sigmas, cfg.train.seed)
+    per_rank = math.ceil(len(val) / world)
+    my_val = val[rank * per_rank:(rank + 1) * per_rank]
+
+    def validate(step: int) -> float:
+        engine.eval()
+        s = validation_loss_sum(engine, my_val, caches.latents, caches.texts, spec)
+        # Under ZeRO-3 every rank must run the same number of forwards: pad with repeats.
+        if stage == 3 and len(my_val) < per_rank:
+            validation_loss_sum(engine, val[:per_rank - len(my_val)], caches.latents, caches.texts, spec)
+        total = _all_reduce_sum([s], world)[0]
+        engine.train()
+        loss = total / len(val)
+        if tracker:
+            tracker.log_metrics({"val_loss": loss}, step)
+        return loss
+
+    def file_tensors() -> dict[str, torch.Tensor]:
+        with gathered(lora_params, stage):
+            values = ema if ema is not None else [p.detach() for p in lora_params]
+            return export_state_dict(dict(zip(names, values)), cfg.lora.scale, cfg.save.dtype)
+
+    def save_file(step: int, tensors) -> Path | None:
+        if not is_main:
+            return None
+        meta = lora_metadata(trigger_word=trigger, base_model=cfg.model.path, rank=cfg.lora.rank,
+                             alpha=cfg.lora.alpha or cfg.lora.rank, steps=step,
+                             resolution=cfg.dataset.resolutions, name=paths.name,
+                             extra={"ema": cfg.train.ema, "dataset_hash": dataset.info.content_hash})
+        path = save_lora(paths.step_lora(step), tensors, meta)
+        if tracker:
+            tracker.log_artifact(path, "checkpoints")
+        return path
+
+    def previews(step: int, tensors) -> float:
+        t = time.time()
+        sample_previews(pipe, module, lora_params, tensors, names, prompts, caches.texts, rank, world, stage,
+                        step, tracker)
+        engine.train()
+        return time.time() - t
+
+    if is_main and tracker:
+        tracker.status(state="running", step=start, total=cfg.train.steps, zero_stage=stage,
+                       cache_seconds=cache_seconds, cache=caches.stats.__dict__)
+    sample_seconds = 0.0
+    if start == 0:
+        validate(0)
+        if cfg.sample.every:
+            sample_seconds += previews(0, None)
+
+    # -- the loop -------------------------------------------------------------------------
+    progress = _Progress(cfg.train.steps, start, is_main)
+    engine.train()
+    last_loss = float("nan")
+    train_seconds = 0.0
+    for step in range(start, cfg.train.steps):
+        t = time.time()
+        losses = []
+        for micro in range(cfg.train.grad_accum):
+            ms = step * cfg.train.grad_accum + micro
+            batch = rank_batch(items, cfg.train.batch_size, cfg.train.seed, world, rank, ms)
+            gen = torch.Generator().manual_seed(_seed_for(cfg.train.seed, rank, ms))
+            loss = training_loss(engine, batch, [captions[it.index] for it in batch], caches.latents,
+                                 caches.texts, spec, gen)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        done = step + 1
+        if ema is not None:
+            with gathered(lora_params, stage):
+                ema_update(ema, lora_params, ema_decay_at(step, cfg.train.ema_decay))
+        _maybe_crash_for_test(done, rank, paths.run_dir)
+        loss_sum, = _all_reduce_sum([sum(losses) / len(losses)], world)
+        last_loss = loss_sum / world
+        dt = time.time() - t
+        train_seconds += dt
+        if is_main and tracker:
+            gn = engine.get_global_grad_norm()
+            images = cfg.train.batch_size * cfg.train.grad_accum * world
+            tracker.log_metrics({"loss": last_loss, "lr": schedule.get_last_lr()[0],
+                                 "grad_norm": float(gn) if gn is not None else float("nan"),
+                                 "step_time": dt, "images_per_sec": images / dt}, done)
+        progress.update(done, last_loss, train_seconds / (done - start))
+        final = done == cfg.train.steps
+        if done % cfg.validation_every == 0 or final:
+            validate(done)
+        tensors = None
+        if done % cfg.save.every == 0 or final:
+            tensors = file_tensors()
+            save_file(done, tensors)
+            _save_checkpoint(engine, ctx, done, lora_params, ema, stage, world, names, is_main,
+                             {"loss": last_loss, "step": done})
+        if cfg.sample.every and (done % cfg.sample.every == 0 or final):
+            sample_seconds += previews(done, tensors if tensors is not None else file_tensors())
+        if is_main and tracker:
+            tracker.status(step=done, loss=last_loss, sec_per_step=train_seconds / (done - start),
+                           sample_seconds=sample_seconds)
+    progress.close()
+
+    summary = {"steps": cfg.train.steps, "loss": last_loss, "zero_stage": stage, "sample_seconds": sample_seconds,
+               "train_seconds": train_seconds, "cache": caches.stats.__dict__}
+    if is_main:
+        final_path = paths.final_lora
+        final_path.parent.mkdir(parents=True, exist_ok=True)
+        src = paths.step_lora(cfg.train.steps)
+        if src.exists():
+            import shutil
+
+            shutil.copyfile(src, final_path)
+        summary["lora"] = str(final_path)
+        if tracker:
+            tracker.log_artifact(final_path, "lora")
+            tracker.status(state="finished", step=cfg.train.steps, lora=str(final_path))
+        print(f"LoRA written to {final_path}", flush=True)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------
+# Previews, checkpoints
+# ---------------------------------------------------------------------------------------
+
+def sample_previews(pipe, module, lora_params, tensors, names, prompts, texts, rank, world, stage, step, tracker):
+    """Each rank renders its share of the prompts with the file's LoRA; rank 0 logs them all.
+
+    `tensors` are the exact tensors of the step's LoRA file (None at step 0: the base model),
+    loaded into the adapter at scale 1, so a preview is what generate gives for that file.
+    """
+    module.eval()
+    mine = list(range(rank, len(prompts), world))
+    rounds = math.ceil(len(prompts) / world)
+    saved = None
+    with gathered(lora_params, stage, modifier_rank=0):
+        if tensors is not None:
+            saved = [p.detach().clone() for p in lora_params]
+            for p, n in zip(lora_params, names):
+                p.data.copy_(tensors[n].to(p.dtype))
+    results = {}
+    if tensors is None:
+        module.disable_adapters()
+    for r in range(rounds):
+        k = mine[r] if r < len(mine) else None
+        p = prompts[k if k is not None else 0]  # ZeRO-3: a spare rank renders a throw-away copy
+        old = set_lora_scale(module, p.lora_scale)
+        img = generate(pipe, texts[p.prompt], seed=p.seed, width=p.width, height=p.height, steps=p.steps,
+                       guidance=p.guidance)
+        restore_lora_scale(module, old)
+        if k is not None:
+            results[k] = img
+    if tensors is None:
+        module.enable_adapters()
+    if saved is not None:
+        with gathered(lora_params, stage, modifier_rank=0):
+            for p, s in zip(lora_params, saved):
+                p.data.copy_(s)
+    if world > 1:
+        gathered_results = [None] * world if rank == 0 else None
+        torch.distributed.gather_object(results, gathered_results, dst=0)
+        if rank == 0:
+            for part in gathered_results:
+                results.update(part)
+    if rank == 0 and tracker:
+        for k in sorted(results):
+            tracker.log_image(results[k], f"sample_{k}", step)
+        tracker.log_image(image_grid([results[k] for k in sorted(results)]), "grid", step)
+
+
+def _save_checkpoint(engine, ctx: WorkerContext, step, lora_params, ema, stage, world, names, is_main, metrics):
+    """All ranks write the DeepSpeed state (LoRA, optimizer, scheduler; not the frozen base) and
+    rank 0 a portable copy (LoRA, EMA, step) that resumes on any world size; then one report."""
+    from safetensors.torch import save_file
+
+    ckpt = ctx.checkpoint_dir(step)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(ckpt), tag="ds", exclude_frozen_parameters=True)
+    with gathered(lora_params, stage):
+        if is_main:
+            tensors = {f"lora/{n}": p.detach().float().cpu().contiguous() for n, p in zip(names, lora_params)}
+            if ema is not None:
+                tensors.update({f"ema/{n}": e.cpu().contiguous() for n, e in zip(names, ema)})
+            save_file(tensors, str(ckpt / LORA_STATE_FILE))
+            # Written last: its presence marks a complete checkpoint.
+            (ckpt / STATE_FILE).write_text(json.dumps({"step": step, "world_size": world, "zero_stage": stage,
+                                                       "rng": "derived from (train.seed, rank, step)"}))
+    ctx.report(metrics, ckpt)
+
+
+def _load_checkpoint(engine, ckpt: Path, lora_params, ema, stage, world):
+    from safetensors.torch import load_file
+
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    tensors = load_file(str(ckpt / LORA_STATE_FILE))
+    names = [k[len("lora/"):] for k in tensors if k.startswith("lora/")]
+    if state["world_size"] == world and state["zero_stage"] == stage:
+        engine.load_checkpoint(str(ckpt), tag="ds", load_module_strict=False)
+    else:
+        # A different GPU count or stage: DeepSpeed's shards don't fit, so keep the LoRA and
+        # EMA and restart the optimizer moments (logged, not silent).
+        print(f"checkpoint from {state['world_size']} workers at ZeRO-{state['zero_stage']}; "
+              f"now {world} at ZeRO-{stage}: LoRA and EMA restored, optimizer state restarts", flush=True)
+        with gathered(lora_params, stage, modifier_rank=0):
+            for p, n in zip(lora_params, names):
+                p.data.copy_(tensors[f"lora/{n}"].to(p.dtype))
+        engine.lr_scheduler.last_epoch = state["step"]
+    if ema is not None:
+        ema = [tensors[f"ema/{n}"].clone() if f"ema/{n}" in tensors else e for n, e in zip(names, ema)]
+    return int(state["step"]), ema
+
+
+def _maybe_crash_for_test(step: int, rank: int, run_dir: Path) -> None:
+    """Fault injection for the failure tests: `FLUXRAY_CRASH_AT=<step>:<rank>` kills that worker once."""
+    spec = os.environ.get("FLUXRAY_CRASH_AT")
+    if not spec:
+        return
+    at, who = (int(x) for x in spec.split(":"))
+    marker = run_dir / f".crashed-{at}-{who}"
+    if step == at and rank == who and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("injected failure\n")
+        print(f"FLUXRAY_CRASH_AT: rank {rank} exits at step {step}", flush=True)
+        os._exit(1)

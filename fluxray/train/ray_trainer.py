@@ -1,0 +1,113 @@
+"""Ray Train layer: a TorchTrainer whose workers each run `train_worker` with DeepSpeed inside.
+
+The scaling, failure and checkpoint settings come from `distributed` and `save`. The run
+lives at `<storage>/ray/<name>`: fitting again with the same name resumes from its last
+checkpoint (Ray Train restores it), which is how `--resume` and a resubmitted job work.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from fluxray.config import JobConfig
+
+
+def ray_storage(cfg: JobConfig) -> str:
+    return str(cfg.storage_root / "ray")
+
+
+def _connect() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # Joins a running cluster (`ray start --head`, or $RAY_ADDRESS under `ray job submit`),
+        # else starts a local one.
+        ray.init(log_to_driver=True, configure_logging=False)
+
+
+def use_gpu(cfg: JobConfig) -> tuple[bool, float]:
+    """(use_gpu, gpus per worker): `auto` follows whether the cluster has GPUs."""
+    import ray
+
+    g = cfg.distributed.gpus_per_worker
+    if g == "auto":
+        g = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return g > 0, float(g)
+
+
+def run_ray(cfg: JobConfig, run_id: str | None) -> dict:
+    """Fit the job on `distributed.workers` Ray Train workers; returns rank 0's summary."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    _connect()
+    gpu, gpus = use_gpu(cfg)
+    resources = {"CPU": cfg.distributed.cpus_per_worker}
+    if gpu:
+        resources["GPU"] = gpus
+    trainer = TorchTrainer(
+        train_loop_per_worker=_worker_main,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id},
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.distributed.workers, use_gpu=gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.save.name, storage_path=ray_storage(cfg),
+            failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.save.keep_last),
+            worker_runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}}),
+    )
+    result = trainer.fit()
+    summary_file = cfg.storage_root / "runs" / cfg.save.name / "summary.json"
+    import json
+
+    return json.loads(summary_file.read_text()) if summary_file.exists() else {"metrics": result.metrics}
+
+
+def _worker_main(config: dict) -> None:
+    """Entry of each Ray Train worker."""
+    import json
+    import logging
+
+    import ray.train
+    from ray.train import Checkpoint
+
+    from fluxray.train.loop import WorkerContext, train_worker
+    from fluxray.track import make_tracker
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = JobConfig.model_validate(config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+    resume_dir = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        resume_dir = Path(tempfile.mkdtemp(prefix="fluxray-resume-"))
+        ckpt.to_directory(str(resume_dir))
+    scratch = Path(tempfile.mkdtemp(prefix=f"fluxray-ckpt-r{rank}-"))
+
+    def checkpoint_dir(step: int) -> Path:
+        return scratch / f"step{step:06d}"
+
+    def report(metrics: dict, path: Path) -> None:
+        # One report per save, on every rank: Ray merges the ranks' files into one checkpoint.
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path)),
+                         checkpoint_dir_name=f"checkpoint-step{metrics['step']:06d}")
+        shutil.rmtree(path, ignore_errors=True)
+
+    tracker = make_tracker(cfg, config.get("mlflow_run_id")) if rank == 0 else None
+    try:
+        summary = train_worker(cfg, WorkerContext(rank=rank, world_size=world, resume_dir=resume_dir,
+                                                  report=report, checkpoint_dir=checkpoint_dir), tracker)
+        if rank == 0:
+            path = cfg.storage_root / "runs" / cfg.save.name / "summary.json"
+            path.write_text(json.dumps(summary, default=str))
+    finally:
+        if tracker:
+            tracker.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+        if resume_dir:
+            shutil.rmtree(resume_dir, ignore_errors=True)
