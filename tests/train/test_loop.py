@@ -1,0 +1,108 @@
+"""The whole recipe in one process: it learns, it leaves the base alone, and its previews are
+exactly what the generate function makes from the saved LoRA file."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline
+from safetensors.torch import load_file
+
+from fluxray.model.generate import encode_prompt, generate
+from fluxray.model.lora import set_lora_scale
+from fluxray.track.local import read_metrics
+from fluxray.train.job import run_job
+
+
+def _cfg(tiny_model, prepared_sample, root, *extra):
+    from pathlib import Path
+
+    from fluxray.config import load_config
+
+    repo = Path(__file__).resolve().parents[2]
+    return load_config(repo / "configs" / "tiny.yaml", [
+        f"model.path={tiny_model}", f"dataset.path={prepared_sample}", f"storage.root={root}",
+        "save.name=learn", *extra])
+
+
+@pytest.fixture(scope="module")
+def run200(tmp_path_factory, tiny_model, prepared_sample):
+    root = tmp_path_factory.mktemp("learn")
+    cfg = _cfg(tiny_model, prepared_sample, root, "train.steps=200", "validation.every=50", "sample.every=200",
+               "save.every=100", 'sample.prompts=["[trigger], professional portrait photo"]',
+               "distributed.workers=1")
+    summary = run_job(cfg, local=True)
+    return root, cfg, summary
+
+
+def test_200_steps_lower_the_fixed_noise_validation_loss(run200):
+    root, _, summary = run200
+    val = [(m["step"], m["val_loss"]) for m in read_metrics(root / "runs" / "learn") if "val_loss" in m]
+    steps = [s for s, _ in val]
+    assert steps == [0, 50, 100, 150, 200]
+    first, last = val[0][1], val[-1][1]
+    assert last < 0.9 * first, f"validation loss {first:.4f} -> {last:.4f}"
+    assert summary["steps"] == 200
+
+
+def test_lora_file_has_diffusers_keys_and_metadata(run200):
+    root, _, summary = run200
+    path = root / "loras" / "learn.safetensors"
+    assert summary["lora"] == str(path)
+    tensors = load_file(str(path))
+    assert tensors and all(k.startswith("transformer.") and "lora" in k for k in tensors)
+    from fluxray.model.lora import read_lora_metadata
+
+    meta = read_lora_metadata(path)
+    assert meta["trigger_word"] == "pxco" and meta["steps"] == "200" and meta["rank"] == "4"
+
+
+def test_final_preview_is_what_generate_makes_from_the_lora_file(run200, tiny_model):
+    root, cfg, _ = run200
+    prompt = cfg.sample_prompts("pxco")[0]
+    preview = np.asarray(__import__("PIL.Image").Image.open(root / "runs" / "learn" / "samples" / "step000200-sample_0.png"))
+    pipe = FluxPipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+    embeds = encode_prompt(pipe, prompt.prompt, cfg.model.max_sequence_length)
+    kw = dict(seed=prompt.seed, width=prompt.width, height=prompt.height, steps=prompt.steps, guidance=prompt.guidance)
+    base = np.asarray(generate(pipe, embeds, **kw))
+    pipe.load_lora_weights(str(root / "loras" / "learn.safetensors"), adapter_name="learn")
+    set_lora_scale(pipe.transformer, 1.0, adapter="learn")
+    with_lora = np.asarray(generate(pipe, embeds, **kw))
+    assert np.array_equal(with_lora, preview)
+    assert not np.array_equal(base, with_lora)
+    step0 = np.asarray(__import__("PIL.Image").Image.open(root / "runs" / "learn" / "samples" / "step000000-sample_0.png"))
+    assert np.array_equal(step0, base)  # step 0 previews the base model
+
+
+def test_training_step_leaves_the_base_weights_bit_identical(tiny_model, tmp_path):
+    """Drive the real step through the real DeepSpeed engine and compare every base tensor."""
+    from fluxray.config import JobConfig, LoraConfig
+    from fluxray.data.buckets import Item
+    from fluxray.model.generate import PromptEmbeds
+    from fluxray.model.lora import add_lora
+    from fluxray.train.engine import init_engine, init_single_process_group
+    from fluxray.train.step import StepSpec, training_loss
+
+    pipe = FluxPipeline.from_pretrained(tiny_model)
+    tr = pipe.transformer
+    before = {n: p.detach().clone() for n, p in tr.named_parameters()}
+    params = add_lora(tr, LoraConfig(rank=4))
+    cfg = JobConfig.model_validate({"train": {"lr": 1e-2}})
+    init_single_process_group()
+    engine, _, _ = init_engine(tr, params, cfg, 1, 0, False)
+    item = Item(0, (64, 64))
+    latents = {item: (torch.randn(16, 8, 8), torch.zeros(16, 8, 8))}
+    embeds = {"pxco, a man": PromptEmbeds(torch.randn(1, 32, 32), torch.randn(1, 32)), "": PromptEmbeds(torch.randn(1, 32, 32), torch.randn(1, 32))}
+    spec = StepSpec(shift_factor=0.1159, scaling_factor=0.3611, guidance=1.0)
+    lora_before = [p.detach().clone() for p in params]
+    for i in range(5):
+        loss = training_loss(engine, [item], ["pxco, a man"], latents, embeds, spec, torch.Generator().manual_seed(i))
+        engine.backward(loss)
+        engine.step()
+    after = {n.replace(".base_layer", ""): p for n, p in tr.named_parameters() if "lora_" not in n}
+    assert set(after) == set(before)
+    for n, p in after.items():
+        assert torch.equal(p, before[n]), n
+    assert any(not torch.equal(a, b) for a, b in zip(lora_before, params))
