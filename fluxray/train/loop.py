@@ -142,10 +142,14 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
     pipe = load_pipeline(model_path, base_dtype, cfg.model.revision, device, text_encoders=False)
     store = CacheStore(cfg.storage_root, model_key(model_path, cfg.model.revision), cfg.model.max_sequence_length)
 
-    def load_text_encoders():
-        from fluxray.model.pipeline import attach_text_encoders
+    encoders_loaded = False
 
-        attach_text_encoders(pipe, model_path, base_dtype, cfg.model.revision, device)
+    def load_text_encoders():
+        nonlocal encoders_loaded
+        from fluxray.model import pipeline as pipeline_mod
+
+        pipeline_mod.attach_text_encoders(pipe, model_path, base_dtype, cfg.model.revision, device)
+        encoders_loaded = True
 
     t0 = time.time()
     caches = build_caches(pipe, store=store, images=images, items=items,
@@ -156,6 +160,8 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
     # The step reads only the caches: drop the text encoders and the VAE encoder.
     pipe.text_encoder = pipe.text_encoder_2 = None
     pipe.vae.encoder = None
+    if device.type == "cuda":  # the decoder waits on the CPU until a preview needs it
+        pipe.vae.to("cpu")
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -257,6 +263,7 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
     engine.train()
     last_loss = float("nan")
     train_seconds = 0.0
+    last_status = 0.0
     for step in range(start, cfg.train.steps):
         t = time.time()
         losses = []
@@ -296,13 +303,14 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
                              {"loss": last_loss, "step": done})
         if cfg.sample.every and (done % cfg.sample.every == 0 or final):
             sample_seconds += previews(done, tensors if tensors is not None else file_tensors())
-        if is_main and tracker:
+        if is_main and tracker and (final or time.time() - last_status > 1.0):  # a file write, not every step
+            last_status = time.time()
             tracker.status(step=done, loss=last_loss, sec_per_step=train_seconds / (done - start),
                            sample_seconds=sample_seconds)
     progress.close()
 
     summary = {"steps": cfg.train.steps, "loss": last_loss, "zero_stage": stage, "sample_seconds": sample_seconds,
-               "train_seconds": train_seconds, "cache": caches.stats.__dict__}
+               "train_seconds": train_seconds, "cache": caches.stats.__dict__, "encoders_loaded": encoders_loaded}
     if is_main:
         final_path = paths.final_lora
         final_path.parent.mkdir(parents=True, exist_ok=True)
@@ -339,6 +347,7 @@ def sample_previews(pipe, module, lora_params, tensors, names, prompts, texts, r
             for p, n in zip(lora_params, names):
                 p.data.copy_(tensors[n].to(p.dtype))
     results = {}
+    pipe.vae.to(next(module.parameters()).device)
     if tensors is None:
         module.disable_adapters()
     for r in range(rounds):
@@ -352,6 +361,8 @@ def sample_previews(pipe, module, lora_params, tensors, names, prompts, texts, r
             results[k] = img
     if tensors is None:
         module.enable_adapters()
+    if pipe.vae.device.type == "cuda":
+        pipe.vae.to("cpu")
     if saved is not None:
         with gathered(lora_params, stage, modifier_rank=0):
             for p, s in zip(lora_params, saved):
