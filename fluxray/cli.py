@@ -66,6 +66,28 @@ def _cmd_config(args) -> int:
     return 0
 
 
+def _cmd_mlflow(args) -> int:
+    import subprocess
+
+    from fluxray.config import load_config
+    from fluxray.errors import ConfigError
+    from fluxray.track.mlflow_run import local_store, server_command, sync_run
+
+    cfg = _load(args)
+    if args.action == "sync":
+        if not args.run:
+            raise ConfigError("--run: `fluxray mlflow sync` needs the name of the run (its save.name)")
+        path = cfg.storage_root / "runs" / args.run / "config.yaml"
+        if not path.exists():
+            raise ConfigError(f"--run: no run named {args.run!r} under {cfg.storage_root / 'runs'}")
+        # The run's own config, with the same --set overrides (e.g. a new tracking.uri).
+        run_id, sent = sync_run(load_config(path, args.overrides))
+        print(f"run {args.run}: {sent} pending call(s) sent to MLflow run {run_id}")
+        return 0
+    print(f"MLflow UI at http://{args.host}:{args.port} over {local_store(cfg)} (Ctrl-C stops it)", flush=True)
+    return subprocess.call(server_command(cfg, args.host, args.port))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluxray", description="Train FLUX.1 LoRAs on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -93,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config (defaults + file + --set)")
     _add_config_args(p)
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("mlflow", help="browse the local MLflow store (mlflow server), or `sync` a run's pending calls")
+    p.add_argument("action", nargs="?", choices=("server", "sync"), default="server",
+                   help="server (default): start `mlflow server` on <storage.root>/mlflow; sync: send what a "
+                        "tracking outage left in <run>/mlflow-pending.jsonl")
+    _add_config_args(p)
+    p.add_argument("--run", help="sync: the run name (save.name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=_cmd_mlflow)
     return parser
 
 
@@ -109,6 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fluxray {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug or an environment failure: one line here, the traceback in a file
+        import tempfile
+        import traceback
+
+        log = Path(tempfile.gettempdir()) / f"fluxray-{args.command}-error.log"
+        log.write_text(traceback.format_exc())
+        print(f"fluxray {args.command}: failed: {type(e).__name__}: {_first_line(e)} (traceback in {log})",
+              file=sys.stderr)
+        return 1
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else repr(e)
 
 
 if __name__ == "__main__":

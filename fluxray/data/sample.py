@@ -74,7 +74,7 @@ def make_sample_images(
     """Draw `n` images `0001.png`... into `out_dir` and write `captions.json` and `trigger.txt`.
 
     Returns the captions, keyed by file name. Most captions leave the trigger word out (it is
-    prepended at prepare time); every seventh uses the `[trigger]` placeholder instead.
+    prepended at prepare time); every seventh opens with the `[trigger]` placeholder instead.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,7 +109,8 @@ def _caption(look: _Look, placeholder: bool) -> str:
     verb, participle = _ACTIONS[action]
     if placeholder:
         subject = subject[0].lower() + subject[1:]
-        head = f"A {_SHOTS[look.shot]} of {TRIGGER_PLACEHOLDER}, {subject}, {participle}"
+        # Placeholder first, so the prepared caption still starts with the trigger (the guide's form).
+        head = f"{TRIGGER_PLACEHOLDER}, a {_SHOTS[look.shot]} of {subject}, {participle}"
     else:
         head = f"{subject} {verb} in a {_SHOTS[look.shot]}"
     return (

@@ -43,8 +43,10 @@ def resolve_job(cfg: JobConfig) -> JobConfig:
             print(report.format(), flush=True)
         update["dataset"] = {**cfg.dataset.model_dump(), "path": str(out), "trigger_word": trigger}
         src = out
-    info = read_prepared(src).info
+    dataset = read_prepared(src)
+    info = dataset.info
     trigger = cfg.dataset.trigger_word or info.trigger_word
+    _check_batches(cfg, [path for path, _ in dataset.items])
     if "dataset" not in update:
         update["dataset"] = {**cfg.dataset.model_dump(), "path": str(src.resolve()), "trigger_word": trigger}
     if not cfg.save.name:
@@ -60,6 +62,19 @@ def resolve_job(cfg: JobConfig) -> JobConfig:
     for k, v in update.items():
         data[k] = v
     return JobConfig.model_validate(data)
+
+
+def _check_batches(cfg: JobConfig, images: list[Path]) -> None:
+    """Fail before any worker starts when workers x batch cannot be filled from the buckets."""
+    from PIL import Image
+
+    from fluxray.data.buckets import check_fits, make_items
+
+    sizes = []
+    for path in images:
+        with Image.open(path) as im:  # header only
+            sizes.append(im.size)
+    check_fits(make_items(sizes, cfg.dataset.resolutions), cfg.train.batch_size, cfg.distributed.workers)
 
 
 def _trigger_file(src: Path) -> str | None:
@@ -83,7 +98,7 @@ def write_run_config(cfg: JobConfig) -> Path:
 def run_job(cfg: JobConfig, local: bool = False, resume: bool = False) -> dict:
     """Resolve, record and run one training job; the one function every entry point calls."""
     from fluxray.track import make_tracker
-    from fluxray.track.mlflow_run import start_job_run
+    from fluxray.track.mlflow_run import end_job_run, start_job_run
 
     if resume and not cfg.save.name:
         raise ConfigError("save.name: --resume needs the name of the run to resume")
@@ -94,18 +109,26 @@ def run_job(cfg: JobConfig, local: bool = False, resume: bool = False) -> dict:
     if existing and not resume:
         print(f"run {cfg.save.name!r} exists: resuming from its last checkpoint", flush=True)
     write_run_config(cfg)
-    run_id = start_job_run(cfg, resume=existing)
+    run_id = start_job_run(cfg)
     print(f"run {cfg.save.name}: {cfg.train.steps} steps on {cfg.distributed.workers} worker(s)"
           f"{' (local)' if local else ''}; MLflow run {run_id}", flush=True)
-    if local:
-        tracker = make_tracker(cfg, run_id)
-        try:
-            return run_local(cfg, resume=existing, tracker=tracker)
-        finally:
-            tracker.close()
-    from fluxray.train.ray_trainer import run_ray
+    ok = False
+    try:
+        if local:
+            tracker = make_tracker(cfg, run_id)
+            try:
+                summary = run_local(cfg, resume=existing, tracker=tracker)
+            finally:
+                tracker.close()
+        else:
+            from fluxray.train.ray_trainer import run_ray
 
-    return run_ray(cfg, run_id)
+            summary = run_ray(cfg, run_id)
+        ok = True
+    finally:
+        # Sends what rank 0 could not send (or says where it waits) and closes the MLflow run.
+        end_job_run(cfg, "FINISHED" if ok else "FAILED")
+    return summary
 
 
 def run_local(cfg: JobConfig, resume: bool = False, tracker=None) -> dict:
