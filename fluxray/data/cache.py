@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,8 +49,8 @@ class CacheStats:
 class Caches:
     """What the training loop reads instead of images and captions."""
 
-    latents: dict[Item, tuple[torch.Tensor, torch.Tensor]]   # (mean, logvar), (C, h, w)
-    texts: dict[str, PromptEmbeds]
+    latents: Mapping[Item, tuple[torch.Tensor, torch.Tensor]]   # (mean, logvar), (C, h, w)
+    texts: Mapping[str, PromptEmbeds]
     stats: CacheStats = field(default_factory=CacheStats)
 
 
@@ -89,8 +90,48 @@ class CacheStore:
         return self.dir / f"text-{self.max_len}" / f"{sha(text)}.safetensors"
 
 
+class OnTheFlyLatents(Mapping):
+    """`dataset.cache_latents: false`: VAE-encode the image every time a step asks (the slow path)."""
+
+    def __init__(self, pipe, images: list[Path], items: list[Item]):
+        self.pipe, self.images, self.items = pipe, images, items
+
+    def __getitem__(self, item: Item):
+        from fluxray.data.images import load_image
+
+        vae = self.pipe.vae
+        px = pixels_for_bucket(load_image(self.images[item.index]), item.size)
+        with torch.no_grad():
+            dist = vae.encode(px[None].to(vae.device, vae.dtype)).latent_dist
+        return dist.mean[0].float().cpu(), dist.logvar[0].float().cpu()
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self):
+        return len(self.items)
+
+
+class OnTheFlyTexts(Mapping):
+    """`dataset.cache_text_embeddings: false`: run CLIP and T5 every time a step asks."""
+
+    def __init__(self, pipe, texts: list[str], max_len: int):
+        self.pipe, self.texts, self.max_len = pipe, list(dict.fromkeys(texts)), max_len
+
+    def __getitem__(self, text: str) -> PromptEmbeds:
+        e = encode_prompt(self.pipe, text, self.max_len)
+        return PromptEmbeds(e.prompt_embeds.float().cpu(), e.pooled.float().cpu())
+
+    def __iter__(self):
+        return iter(self.texts)
+
+    def __len__(self):
+        return len(self.texts)
+
+
 def build_caches(pipe, *, store: CacheStore, images: list[Path], items: list[Item], texts: list[str],
-                 load_text_encoders, rank: int = 0, world_size: int = 1, barrier=lambda: None) -> Caches:
+                 load_text_encoders, rank: int = 0, world_size: int = 1, barrier=lambda: None,
+                 cache_latents: bool = True, cache_texts: bool = True) -> Caches:
     """Fill the missing cache entries (each rank its share), then load all of them.
 
     `load_text_encoders()` attaches CLIP and T5 to `pipe`; it is called only when some text
@@ -100,11 +141,15 @@ def build_caches(pipe, *, store: CacheStore, images: list[Path], items: list[Ite
 
     image_shas = [sha(p.read_bytes()) for p in images]
     stats = CacheStats()
-    missing_lat = [it for it in items if not store.latent_path(image_shas[it.index], it.size).exists()]
     uniq_texts = list(dict.fromkeys(texts))
-    missing_txt = [t for t in uniq_texts if not store.text_path(t).exists()]
+    if not cache_texts:
+        load_text_encoders()
+    missing_lat = [it for it in items if not store.latent_path(image_shas[it.index], it.size).exists()] \
+        if cache_latents else []
+    missing_txt = [t for t in uniq_texts if not store.text_path(t).exists()] if cache_texts else []
     mine_lat = missing_lat[rank::world_size]
     mine_txt = missing_txt[rank::world_size]
+    barrier()  # every rank lists what is missing before any rank writes, so the shares line up
 
     if mine_lat:
         vae = pipe.vae
@@ -125,12 +170,12 @@ def build_caches(pipe, *, store: CacheStore, images: list[Path], items: list[Ite
 
     stats.latents_computed, stats.latents_reused = len(missing_lat), len(items) - len(missing_lat)
     stats.texts_computed, stats.texts_reused = len(missing_txt), len(uniq_texts) - len(missing_txt)
-    latents = {}
-    for it in items:
+    latents: Mapping = OnTheFlyLatents(pipe, images, items) if not cache_latents else {}
+    for it in items if cache_latents else []:
         d = load_file(str(store.latent_path(image_shas[it.index], it.size)))
         latents[it] = (d["mean"], d["logvar"])
-    text = {}
-    for t in uniq_texts:
+    text: Mapping = OnTheFlyTexts(pipe, uniq_texts, store.max_len) if not cache_texts else {}
+    for t in uniq_texts if cache_texts else []:
         d = load_file(str(store.text_path(t)))
         text[t] = PromptEmbeds(d["prompt_embeds"][None], d["pooled"][None])
     return Caches(latents, text, stats)

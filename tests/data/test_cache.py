@@ -48,6 +48,16 @@ def test_second_job_on_the_same_data_computes_no_latents_and_no_embeddings(tiny_
     assert second["encoders_loaded"] is False
 
 
+def test_without_caches_the_job_encodes_on_the_fly(tiny_model, prepared_sample, tmp_path):
+    cfg = _cfg(tiny_model, prepared_sample, tmp_path, "nocache").model_copy(deep=True)
+    cfg.dataset.cache_latents = False
+    cfg.dataset.cache_text_embeddings = False
+    summary = run_job(cfg, local=True)
+    assert summary["steps"] == 3 and summary["encoders_loaded"] is True
+    assert summary["cache"]["latents_computed"] == 0 and summary["cache"]["texts_computed"] == 0
+    assert not (tmp_path / "cache").exists()
+
+
 def test_training_step_needs_neither_text_encoders_nor_vae(tiny_model):
     """The step takes the transformer and cached tensors only; a pipeline without encoders trains."""
     from diffusers import FluxTransformer2DModel
