@@ -134,14 +134,14 @@ def _t5_text_encoder(tokenizer: T5Tokenizer) -> T5EncoderModel:
     return T5EncoderModel(config)
 
 
-def _transformer() -> FluxTransformer2DModel:
+def _transformer(double_blocks: int = 1, single_blocks: int = 1, heads: int = 2) -> FluxTransformer2DModel:
     return FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,  # 16 latent channels packed 2x2
-        num_layers=1,
-        num_single_layers=1,
+        num_layers=double_blocks,
+        num_single_layers=single_blocks,
         attention_head_dim=16,
-        num_attention_heads=2,
+        num_attention_heads=heads,
         joint_attention_dim=TEXT_DIM,
         pooled_projection_dim=TEXT_DIM,
         guidance_embeds=True,  # FLUX.1-dev is guidance-distilled
@@ -178,8 +178,13 @@ def _scheduler() -> FlowMatchEulerDiscreteScheduler:
     )
 
 
-def make_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Write a complete random-weight FLUX pipeline in diffusers format to out_dir and return it."""
+def make_tiny_model(out_dir: str | Path, *, seed: int = 0, double_blocks: int = 1, single_blocks: int = 1,
+                    heads: int = 2) -> Path:
+    """Write a complete random-weight FLUX pipeline in diffusers format to out_dir and return it.
+
+    The defaults are the 1+1-block test model; the benchmarks ask for a few more blocks and
+    heads so that a step's compute, not its bookkeeping, dominates.
+    """
     out_dir = Path(out_dir)
     tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
     # A private RNG stream: same seed, same weights, and the caller's RNG is untouched.
@@ -192,13 +197,13 @@ def make_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
             tokenizer=tokenizer,
             text_encoder_2=_t5_text_encoder(tokenizer_2),
             tokenizer_2=tokenizer_2,
-            transformer=_transformer(),
+            transformer=_transformer(double_blocks, single_blocks, heads),
         )
     pipe.save_pretrained(out_dir)
     return out_dir
 
 
-def ensure_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
+def ensure_tiny_model(out_dir: str | Path, *, seed: int = 0, **dims) -> Path:
     """Return out_dir holding the tiny model, building it once; safe for concurrent Ray workers."""
     out_dir = Path(out_dir)
     if (out_dir / "model_index.json").exists():
@@ -206,7 +211,7 @@ def ensure_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
     # Build beside the target and rename into place, so no reader sees half a model.
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        make_tiny_model(tmp, seed=seed)
+        make_tiny_model(tmp, seed=seed, **dims)
         os.replace(tmp, out_dir)
     except OSError:
         # Another worker renamed its copy into place first, so out_dir is not empty.

@@ -1,0 +1,318 @@
+"""fluxray benchmarks: every speed and memory claim, measured side by side in one run.
+
+    .venv/bin/python benchmarks/run.py            # full run (CPU: ~10 min on 2 cores)
+    .venv/bin/python benchmarks/run.py --quick    # CI's reduced mode: same code paths, few steps
+    .venv/bin/python benchmarks/run.py --only f   # on a GPU box: s/step and MFU of full-size FLUX.1-dev
+
+a. steady-state step time of fluxray's Ray + DeepSpeed worker vs a bare PyTorch loop (same model, batch)
+b. step time with and without the latent / text-embedding caches (tiny model)
+c. transformer parameters held per worker under ZeRO 0 and ZeRO 3, 2 workers
+d. time from submission to the first step, for a job on a running cluster
+e. share of wall time spent sampling with the default sample config
+f. GPU only: s/step and MFU at 512² and 1024², batch 1, full-size FLUX.1-dev transformer, random bf16 weights
+Results are printed as a table and written to --out (JSON). Nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _cfg(root: Path, model: Path, dataset: Path, name: str, *overrides: str):
+    from fluxray.config import load_config
+
+    return load_config(REPO / "configs" / "tiny.yaml", [
+        f"storage.root={root}", f"model.path={model}", f"dataset.path={dataset}", f"save.name={name}",
+        *overrides])
+
+
+def _steady_seconds_per_step(run_dir: Path, skip: int) -> float:
+    """Median wall time between consecutive logged steps, after `skip` warm-up steps."""
+    from fluxray.track.local import read_metrics
+
+    stamps = [(m["step"], m["time"]) for m in read_metrics(run_dir) if "loss" in m]
+    stamps = [t for s, t in stamps if s > skip]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return statistics.median(gaps)
+
+
+def _bare_loop(model: Path, dataset: Path, root: Path, steps: int, skip: int, resolution: int) -> float:
+    """The floor: plain PyTorch AdamW on the same LoRA, same cached inputs, same step function."""
+    import torch
+
+    from fluxray.config import load_config
+    from fluxray.data.buckets import make_items, rank_batch
+    from fluxray.data.cache import CacheStore, build_caches, model_key
+    from fluxray.data.prepare import read_prepared
+    from fluxray.model.lora import add_lora
+    from fluxray.model.pipeline import attach_text_encoders, load_pipeline
+    from fluxray.train.step import StepSpec, training_loss
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"dataset.resolutions=[{resolution}]"])
+    ds = read_prepared(dataset)
+    from PIL import Image
+
+    sizes = [Image.open(p).size for p, _ in ds.items]
+    items = make_items(sizes, cfg.dataset.resolutions)
+    captions = [t for _, t in ds.items]
+    pipe = load_pipeline(str(model), torch.float32, text_encoders=False)
+    caches = build_caches(pipe, store=CacheStore(root, model_key(str(model), None), cfg.model.max_sequence_length),
+                          images=[p for p, _ in ds.items], items=items, texts=captions + [""],
+                          load_text_encoders=lambda: attach_text_encoders(pipe, str(model), torch.float32))
+    tr = pipe.transformer
+    params = add_lora(tr, cfg.lora, seed=0)
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr)
+    spec = StepSpec(0.1159, 0.3611, 1.0, caption_dropout=cfg.dataset.caption_dropout)
+    times = []
+    for step in range(steps):
+        t = time.perf_counter()
+        batch = rank_batch(items, 1, 0, 1, 0, step)
+        loss = training_loss(tr, batch, [captions[it.index] for it in batch], caches.latents, caches.texts, spec,
+                             torch.Generator().manual_seed(step))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[skip:])
+
+
+def bench_overhead(ctx) -> dict:
+    from fluxray.train.job import run_job
+
+    steps, skip = ctx.steps, ctx.skip
+    cfg = _cfg(ctx.root, ctx.small_model, ctx.dataset, "bench-a", f"train.steps={steps}", "sample.every=0",
+               f"save.every={steps}", f"validation.every={steps}", "distributed.workers=1",
+               f"dataset.resolutions=[{ctx.res}]", "train.ema=true")
+    run_job(cfg, local=False)
+    fluxray = _steady_seconds_per_step(ctx.root / "runs" / "bench-a", skip)
+    bare = _bare_loop(ctx.small_model, ctx.dataset, ctx.root, steps, skip, ctx.res)
+    return {"bare_s_per_step": bare, "fluxray_s_per_step": fluxray, "overhead_ratio": fluxray / bare}
+
+
+def bench_caches(ctx) -> dict:
+    from fluxray.train.job import run_job
+
+    out = {}
+    for name, cached in (("cached", "true"), ("uncached", "false")):
+        cfg = _cfg(ctx.root, ctx.tiny_model, ctx.dataset, f"bench-b-{name}", f"train.steps={ctx.steps}",
+                   "sample.every=0", f"save.every={ctx.steps}", f"validation.every={ctx.steps}",
+                   "distributed.workers=1", f"dataset.cache_latents={cached}",
+                   f"dataset.cache_text_embeddings={cached}", "dataset.resolutions=[256]",
+                   "model.max_sequence_length=512")
+        run_job(cfg, local=True)
+        out[f"{name}_s_per_step"] = _steady_seconds_per_step(ctx.root / "runs" / f"bench-b-{name}", ctx.skip)
+    out["speedup"] = out["uncached_s_per_step"] / out["cached_s_per_step"]
+    return out
+
+
+def bench_zero_memory(ctx) -> dict:
+    from fluxray.train.job import run_job
+
+    out = {}
+    for stage in (0, 3):
+        name = f"bench-c-zero{stage}"
+        cfg = _cfg(ctx.root, ctx.small_model, ctx.dataset, name, "train.steps=4", "sample.every=0",
+                   "save.every=4", "validation.every=4", "distributed.workers=2", f"distributed.zero_stage={stage}")
+        summary = run_job(cfg, local=False)
+        ranks = summary.get("ranks") or []
+        out[f"zero{stage}"] = ranks
+    return out
+
+
+def bench_submit_to_first_step(ctx) -> dict:
+    """`ray job submit` to a running cluster, then wait for the run's first logged step."""
+    from ray.job_submission import JobSubmissionClient
+
+    name = "bench-d"
+    client = JobSubmissionClient(ctx.dashboard)
+    t0 = time.time()
+    job = client.submit_job(
+        entrypoint=(f"python jobs/train.py --config configs/tiny.yaml --set storage.root={ctx.root} "
+                    f"--set model.path={ctx.tiny_model} --set dataset.path={ctx.dataset} --set save.name={name} "
+                    "--set train.steps=5 --set sample.every=0 --set save.every=5"),
+        runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git", "test-artifacts"]})
+    metrics = ctx.root / "runs" / name / "metrics.jsonl"
+    first = None
+    while time.time() - t0 < 600:
+        if metrics.exists() and any('"loss"' in line for line in metrics.read_text().splitlines()):
+            first = time.time() - t0
+            break
+        status = client.get_job_status(job)
+        if status.is_terminal() and first is None and not metrics.exists():
+            raise RuntimeError(f"job {job} ended {status}: {client.get_job_logs(job)[-2000:]}")
+        time.sleep(0.2)
+    while not client.get_job_status(job).is_terminal():
+        time.sleep(0.5)
+    return {"submit_to_first_step_s": first, "job_status": str(client.get_job_status(job))}
+
+
+def bench_sampling_share(ctx) -> dict:
+    """The default sample config (every 50 steps, the guide's 3 prompts, 20 steps, 1024²) on the tiny model."""
+    from fluxray.config import JobConfig
+    from fluxray.train.job import run_job
+
+    d = JobConfig().sample
+    steps = 100 if not ctx.quick else 50
+    cfg = _cfg(ctx.root, ctx.tiny_model, ctx.dataset, "bench-e", f"train.steps={steps}", f"save.every={steps}",
+               "distributed.workers=1", "dataset.resolutions=[256]")
+    cfg = cfg.model_copy(update={"sample": d})  # every 50 steps, the guide's 3 prompts, 20 steps, 1024²
+    t = time.time()
+    summary = run_job(cfg, local=True)
+    wall = time.time() - t
+    return {"wall_s": wall, "sample_s": summary["sample_seconds"], "sample_share": summary["sample_seconds"] / wall,
+            "samplings": steps // d.every + 1}
+
+
+def bench_gpu_mfu(ctx) -> dict:
+    """Full-size FLUX.1-dev transformer (random bf16 weights), LoRA rank 16, batch 1."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    from diffusers import FluxTransformer2DModel
+
+    from fluxray.config import LoraConfig
+    from fluxray.model.lora import add_lora
+    from fluxray.track.flops import lora_step_flops, peak_flops
+    from fluxray.train.flow import latent_image_ids
+
+    dev = torch.device("cuda")
+    tr = FluxTransformer2DModel(guidance_embeds=True).to(dev, torch.bfloat16)  # the default config is FLUX.1-dev's
+    params = add_lora(tr, LoraConfig(rank=16))
+    for p in params:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    peak = peak_flops(torch.cuda.get_device_name(dev))
+    out = {"gpu": torch.cuda.get_device_name(dev)}
+    for res in (512, 1024):
+        n = (res // 16) ** 2
+        x = torch.randn(1, n, 64, device=dev, dtype=torch.bfloat16)
+        txt = torch.randn(1, 512, 4096, device=dev, dtype=torch.bfloat16)
+        pooled = torch.randn(1, 768, device=dev, dtype=torch.bfloat16)
+        ids = latent_image_ids(res // 8, res // 8, dev, torch.bfloat16)
+        tids = torch.zeros(512, 3, device=dev, dtype=torch.bfloat16)
+        t = torch.tensor([0.5], device=dev, dtype=torch.bfloat16)
+        g = torch.tensor([1.0], device=dev, dtype=torch.bfloat16)
+        times = []
+        for i in range(ctx.gpu_steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                pred = tr(hidden_states=x, encoder_hidden_states=txt, pooled_projections=pooled, timestep=t,
+                          guidance=g, img_ids=ids, txt_ids=tids, return_dict=False)[0]
+            pred.float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        s = statistics.median(times[3:])
+        flops = lora_step_flops(tr.config, res, res, 512, 1)
+        out[f"{res}"] = {"s_per_step": s, "tflop_per_step": flops / 1e12,
+                         "mfu": flops / s / peak if peak else None,
+                         "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return out
+
+
+BENCHES = {"a": bench_overhead, "b": bench_caches, "c": bench_zero_memory, "d": bench_submit_to_first_step,
+           "e": bench_sampling_share, "f": bench_gpu_mfu}
+
+
+def _start_cluster(temp: Path) -> tuple[subprocess.Popen, str, str]:
+    import socket
+
+    def free():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port, dash = free(), free()
+    os.environ["RAY_AUTH_MODE"] = "token"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                             f"--port={port}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
+                             f"--temp-dir={temp}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.time() + 180
+    while True:
+        try:
+            client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
+            job = client.submit_job(entrypoint="python -c pass")
+            while not client.get_job_status(job).is_terminal():
+                time.sleep(0.5)
+            break
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+    return proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="reduced mode for CI: few steps, same code paths")
+    ap.add_argument("--only", default="abcdef", help="which benchmarks to run, e.g. 'ab' or 'f'")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+
+    import signal
+
+    import ray
+
+    from fluxray.data.prepare import prepare_dataset
+    from fluxray.model.tiny import ensure_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="fluxray-bench-"))
+    ctx = argparse.Namespace(quick=args.quick, root=work / "root", steps=12 if args.quick else 60,
+                             skip=4 if args.quick else 10, res=128, gpu_steps=6 if args.quick else 20)
+    ctx.tiny_model = ensure_tiny_model(work / "models" / "tiny")
+    # Bigger than the test model so a step's compute dominates its bookkeeping, still CPU-sized.
+    ctx.small_model = ensure_tiny_model(work / "models" / "small", double_blocks=2, single_blocks=4, heads=8)
+    ctx.dataset = work / "dataset"
+    prepare_dataset(REPO / "samples" / "pxco", REPO / "samples" / "pxco" / "captions.json", trigger_word="pxco",
+                    out_dir=ctx.dataset)
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+               "quick": args.quick}
+    need_cluster = any(k in args.only for k in "acd")
+    proc = None
+    try:
+        if need_cluster:
+            proc, ctx.address, ctx.dashboard = _start_cluster(Path("/tmp") / f"rb{os.getpid()}")
+            ray.init(address=ctx.address, log_to_driver=False, configure_logging=False)
+        for key in args.only:
+            t = time.time()
+            print(f"[{key}] {BENCHES[key].__doc__.strip().splitlines()[0] if BENCHES[key].__doc__ else key} ...",
+                  flush=True)
+            results[key] = BENCHES[key](ctx)
+            results[key]["bench_wall_s"] = time.time() - t
+            print(f"[{key}] {json.dumps(results[key], default=str)}", flush=True)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if proc is not None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+    print(json.dumps(results, indent=1, default=str))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
