@@ -67,11 +67,9 @@ def _cmd_config(args) -> int:
 
 
 def _cmd_mlflow(args) -> int:
-    import subprocess
-
     from fluxray.config import load_config
     from fluxray.errors import ConfigError
-    from fluxray.track.mlflow_run import local_store, server_command, sync_run
+    from fluxray.track.mlflow_run import local_store, serve, sync_run
 
     cfg = _load(args)
     if args.action == "sync":
@@ -85,7 +83,7 @@ def _cmd_mlflow(args) -> int:
         print(f"run {args.run}: {sent} pending call(s) sent to MLflow run {run_id}")
         return 0
     print(f"MLflow UI at http://{args.host}:{args.port} over {local_store(cfg)} (Ctrl-C stops it)", flush=True)
-    return subprocess.call(server_command(cfg, args.host, args.port))
+    return serve(cfg, args.host, args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Experiment tracking: the run's local record and its MLflow run."""
+"""Experiment tracking: the run's local record, its MLflow run and the FLOP counts of MFU."""
 
 from __future__ import annotations
 
@@ -6,13 +6,17 @@ from fluxray.config import JobConfig
 
 
 def make_tracker(cfg: JobConfig, mlflow_run_id: str | None):
-    """Rank 0's tracker: the local run record, plus MLflow when the job has a run."""
+    """Rank 0's tracker: the local run record plus the job's MLflow run.
+
+    `mlflow_run_id` is None when the driver could not reach MLflow (and said so): the
+    tracker opens the run itself once MLflow answers, and spools until then.
+    """
+    from fluxray.track.mlflow_run import PENDING_FILE, MlflowRun, ray_job_id
     from fluxray.track.tracker import Tracker
 
     run_dir = cfg.storage_root / "runs" / cfg.save.name
-    mlflow_run = None
-    if mlflow_run_id:
-        from fluxray.track.mlflow_run import MlflowRun, tracking_uri
-
-        mlflow_run = MlflowRun(tracking_uri(cfg), mlflow_run_id)
-    return Tracker(run_dir, mlflow_run)
+    tracker = Tracker(run_dir, MlflowRun(cfg, mlflow_run_id, run_dir / PENDING_FILE, down=mlflow_run_id is None))
+    job = ray_job_id()
+    if job:  # the driver of a `ray job submit` has not joined Ray yet when it opens the run
+        tracker.set_tags({"ray.job_id": job})
+    return tracker

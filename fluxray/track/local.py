@@ -27,7 +27,10 @@ class RunRecord:
 
     def save_image(self, image, key: str, step: int) -> Path:
         path = self.sample_path(key, step)
-        image.save(path)
+        # Renamed into place: a file at this path is a complete image (resume skips it).
+        tmp = path.with_suffix(".tmp")
+        image.save(tmp, format="PNG")
+        tmp.replace(path)
         return path
 
     def set_status(self, **fields) -> None:
@@ -40,8 +43,12 @@ class RunRecord:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """Every metrics line of a run; a torn last line (crash mid-write) is skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
+    """Every metrics line of a run."""
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every line of an append-only JSON-lines file; a torn last line (crash mid-write) is skipped."""
     if not path.exists():
         return []
     out = []

@@ -2,18 +2,40 @@
 
 The store defaults to sqlite under the storage root (MLflow 3 rejects a bare `file:`
 store for tracking) with artifacts beside it; a cluster points `tracking.uri` (or
-$MLFLOW_TRACKING_URI) at an `http://` server.
+$MLFLOW_TRACKING_URI) at an `http://` server. An unreachable server never stops
+training: calls wait in `<run>/mlflow-pending.jsonl` and are sent when it is back.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
+import time
 from pathlib import Path
 
 from fluxray.config import JobConfig
+from fluxray.errors import FluxrayError
+from fluxray.track.local import read_jsonl
 
 log = logging.getLogger("fluxray.mlflow")
+
+RUN_NAME_TAG = "fluxray.run_name"
+PENDING_FILE = "mlflow-pending.jsonl"
+#: While MLflow is unreachable, calls go straight to the spool; it is retried after this
+#: long, then twice as long each failure up to the cap (a black-holed host costs ~35 s a try).
+RETRY_SECONDS = 60.0
+MAX_RETRY_SECONDS = 600.0
+#: MLflow's HTTP defaults retry for minutes; a step must not stall that long. Set the
+#: variables to override.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+#: MLflow refuses longer param values.
+MAX_PARAM_CHARS = 6000
+#: MLflow error codes that reject one call (bad value, duplicate) rather than signal an outage.
+_REJECTED = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
+             "INVALID_STATE"}
 
 
 def tracking_uri(cfg: JobConfig) -> str:
@@ -22,57 +44,302 @@ def tracking_uri(cfg: JobConfig) -> str:
         return cfg.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{cfg.storage_root / 'mlflow' / 'mlflow.db'}"
+    return f"sqlite:///{local_store(cfg) / 'mlflow.db'}"
+
+
+def local_store(cfg: JobConfig) -> Path:
+    return cfg.storage_root / "mlflow"
 
 
 def artifact_root(cfg: JobConfig) -> str:
-    return (cfg.storage_root / "mlflow" / "artifacts").as_uri()
+    return (local_store(cfg) / "artifacts").as_uri()
 
 
-def start_job_run(cfg: JobConfig, resume: bool = False) -> str | None:
-    """Create (or on resume, find) the job's MLflow run and log params and tags; returns its id."""
-    import mlflow
+def serve(cfg: JobConfig, host: str = "127.0.0.1", port: int = 5000) -> int:
+    """`fluxray mlflow`: run `mlflow server` over the local store until interrupted."""
+    import subprocess
+
+    store = local_store(cfg)
+    (store / "artifacts").mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+           "--default-artifact-root", str(store / "artifacts"), "--host", host, "--port", str(port),
+           "--workers", "1"]
+    # For browsing runs: one worker, and no GenAI job runner (a dozen more processes).
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    return subprocess.call(cmd, env=env)
+
+
+def ray_job_id() -> str | None:
+    """The Ray job this process belongs to; None outside Ray."""
+    ray = sys.modules.get("ray")  # never import Ray only to ask
+    if ray is not None and ray.is_initialized():
+        return ray.get_runtime_context().get_job_id()
+    return os.environ.get("RAY_JOB_ID")
+
+
+def job_params(cfg: JobConfig) -> dict[str, str]:
+    """The whole resolved config, flattened: `train.lr` -> `0.0005`."""
+    return {k: (v if isinstance(v, str) else json.dumps(v))[:MAX_PARAM_CHARS] for k, v in cfg.flat().items()}
+
+
+def job_tags(cfg: JobConfig) -> dict[str, str]:
+    import fluxray
+    from fluxray.data.prepare import read_prepared
+
+    info = read_prepared(Path(cfg.dataset.path)).info
+    tags = {RUN_NAME_TAG: cfg.save.name, "fluxray.version": fluxray.__version__,
+            "trigger_word": cfg.dataset.trigger_word or info.trigger_word, "base_model": cfg.model.path,
+            "dataset_hash": info.content_hash}
+    job = ray_job_id()
+    if job:
+        tags["ray.job_id"] = job
+    return tags
+
+
+def _client(cfg: JobConfig):
     from mlflow.tracking import MlflowClient
 
+    for k, v in HTTP_DEFAULTS.items():
+        os.environ.setdefault(k, v)
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(uri)
+    return MlflowClient(uri)
+
+
+def find_run(client, cfg: JobConfig) -> str | None:
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.save.name}'",
+                               max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def open_run(client, cfg: JobConfig) -> str:
+    """The job's run: found by its `fluxray.run_name` tag, else created with params and tags.
+
+    Params are logged once, at creation: MLflow params are immutable, and a resumed job
+    may legitimately differ (more steps). A found run is marked running again.
+    """
+    from mlflow.entities import Param
+
+    run_id = find_run(client, cfg)
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    local = tracking_uri(cfg).startswith("sqlite")
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        cfg.tracking.experiment, artifact_location=artifact_root(cfg) if uri.startswith("sqlite") else None)
-    found = client.search_runs([exp_id], filter_string=f"tags.`fluxray.run_name` = '{cfg.save.name}'", max_results=1)
-    if found:
-        return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=cfg.save.name, tags={"fluxray.run_name": cfg.save.name})
-    return run.info.run_id
+        cfg.tracking.experiment, artifact_location=artifact_root(cfg) if local else None)
+    tags = job_tags(cfg)
+    run_id = client.create_run(exp_id, run_name=cfg.save.name, tags=tags).info.run_id
+    params = [Param(k, v) for k, v in job_params(cfg).items()]
+    for i in range(0, len(params), 100):  # MLflow's limit per batch
+        client.log_batch(run_id, params=params[i:i + 100])
+    return run_id
+
+
+def start_job_run(cfg: JobConfig) -> str | None:
+    """Create (or, resuming, find) the job's MLflow run in the driver; returns its id.
+
+    None when MLflow cannot be reached: the job trains anyway, and rank 0 opens the
+    run later when MLflow answers (see `MlflowRun`).
+    """
+    try:
+        return open_run(_client(cfg), cfg)
+    except Exception as e:  # noqa: BLE001 - no tracking failure may stop a job
+        log.warning("MLflow tracking lost at %s (%s): training goes on without it; rank 0 retries and keeps "
+                    "what it could not send in %s", tracking_uri(cfg), _short(e),
+                    cfg.storage_root / "runs" / cfg.save.name / PENDING_FILE)
+        return None
+
+
+def end_job_run(cfg: JobConfig, status: str = "FINISHED") -> None:
+    """Driver, at job end: send what rank 0 could not, then mark the run finished or failed."""
+    pending = cfg.storage_root / "runs" / cfg.save.name / PENDING_FILE
+    # A spool means the outage was reported already: only say where it waits.
+    run = MlflowRun(cfg, None, pending, down=pending.exists())
+    if not run.flush():
+        if pending.exists():
+            run.warn_pending()
+        return
+    try:
+        run.client.set_terminated(run.run_id, status)
+    except Exception as e:  # noqa: BLE001
+        log.warning("MLflow: could not mark run %s %s: %s", run.run_id, status, _short(e))
+
+
+def sync_run(cfg: JobConfig) -> tuple[str, int]:
+    """`fluxray mlflow sync`: send a run's pending calls (opening its run if it never was).
+
+    `cfg` is the run's own resolved config; returns (run id, calls sent).
+    """
+    pending = cfg.storage_root / "runs" / cfg.save.name / PENDING_FILE
+    n = len(read_jsonl(pending))
+    run = MlflowRun(cfg, None, pending, down=True)
+    if not run.flush():
+        raise TrackingError(f"MLflow unreachable at {tracking_uri(cfg)}: {n} call(s) still wait in {pending}")
+    return run.run_id, n
+
+
+class TrackingError(FluxrayError):
+    """MLflow could not be reached for a command that needs it."""
+
+
+def _short(e: Exception) -> str:
+    return " ".join(str(e).split())[:200]
 
 
 class MlflowRun:
-    """Rank 0's handle on the job's run."""
+    """Rank 0's handle on the job's run, with a spool for when MLflow is unreachable.
 
-    def __init__(self, uri: str, run_id: str):
-        from mlflow.tracking import MlflowClient
+    Every call is one JSON op. Sent at once while MLflow answers; otherwise appended to
+    `pending` (files referenced by path, already on disk in the run folder) and replayed
+    in order, with their original steps and timestamps, by the first call that reaches
+    MLflow again, by `close` or by `fluxray mlflow sync`. One warning line per outage.
+    """
 
-        self.client = MlflowClient(uri)
-        self.run_id = run_id
+    def __init__(self, cfg: JobConfig, run_id: str | None, pending: Path, down: bool = False,
+                 retry_seconds: float = RETRY_SECONDS):
+        self.cfg, self.run_id, self.pending = cfg, run_id, Path(pending)
+        self.client = _client(cfg)
+        #: MLflow is unreachable; `down=True` at start: the outage was reported already (by the
+        #: driver), so stay quiet until it ends.
+        self.down = down
+        self.retry_seconds = self._wait = retry_seconds
+        self._retry_at = 0.0
 
+    # -- the calls the tracker makes --------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-        import time
+        self._send({"op": "metrics", "metrics": metrics, "step": step, "time": _now_ms()})
 
-        ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
-
-    def log_image(self, image, key: str, step: int, path: Path | None = None) -> None:
-        self.client.log_image(self.run_id, image, key=key, step=step)
+    def log_image(self, path: Path, key: str, step: int) -> None:
+        self._send({"op": "image", "path": str(path), "key": key, "step": step, "time": _now_ms()})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._send({"op": "artifact", "path": str(path), "artifact_path": artifact_path})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, v)
+        self._send({"op": "tags", "tags": tags})
+
+    def register_model(self, name: str, artifact: str) -> None:
+        """A new version of registered model `name` whose source is the run's `artifact`."""
+        self._send({"op": "register", "name": name, "artifact": artifact})
 
     def close(self) -> None:
-        pass
+        """A last try at sending what is pending (the driver's `end_job_run` says where it is)."""
+        if self.pending.exists() or self.run_id is None:
+            self.flush()
+
+    def warn_pending(self) -> None:
+        log.warning("MLflow unreachable at %s: %d call(s) wait in %s; send them with `fluxray mlflow sync "
+                    "--run %s`", tracking_uri(self.cfg), len(read_jsonl(self.pending)), self.pending,
+                    self.cfg.save.name)
+
+    # -- sending, spooling, replaying ---------------------------------------------------------
+    def flush(self) -> bool:
+        """Open the run if needed and replay the spool; True when nothing is left pending."""
+        try:
+            if self.run_id is None:
+                self.run_id = open_run(self.client, self.cfg)
+            ops = read_jsonl(self.pending)
+            for i, op in enumerate(ops):
+                try:
+                    self._apply(op)
+                except Exception as e:  # noqa: BLE001
+                    if not _rejected(e):
+                        _write_ops(self.pending, ops[i:])
+                        raise
+                    log.warning("MLflow rejected a pending %s call, dropped: %s", op["op"], _short(e))
+            self.pending.unlink(missing_ok=True)
+        except Exception as e:  # noqa: BLE001
+            self._lose(e)
+            return False
+        if self.down:
+            log.warning("MLflow tracking restored at %s: %d pending call(s) sent", tracking_uri(self.cfg), len(ops))
+        self.down = False
+        self._wait = self.retry_seconds
+        return True
+
+    def _send(self, op: dict) -> None:
+        if (self.down or self.run_id is None or self.pending.exists()) and not self._reconnect():
+            _append_op(self.pending, op)
+            return
+        try:
+            self._apply(op)
+        except Exception as e:  # noqa: BLE001 - no tracking failure may stop training
+            if _rejected(e):
+                log.warning("MLflow rejected a %s call: %s", op["op"], _short(e))
+                return
+            self._lose(e)
+            _append_op(self.pending, op)
+
+    def _reconnect(self) -> bool:
+        if time.time() < self._retry_at:
+            return False
+        return self.flush()
+
+    def _lose(self, e: Exception) -> None:
+        self._retry_at = time.time() + self._wait
+        self._wait = min(2 * self._wait, MAX_RETRY_SECONDS)
+        if not self.down:
+            log.warning("MLflow tracking lost at %s (%s): training goes on; what could not be sent is kept in %s "
+                        "and sent when MLflow is back", tracking_uri(self.cfg), _short(e), self.pending)
+        self.down = True
+
+    def _apply(self, op: dict) -> None:
+        from mlflow.entities import Metric
+
+        kind = op["op"]
+        if kind == "metrics":
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), op["time"], op["step"])
+                                                        for k, v in op["metrics"].items()])
+        elif kind == "image":
+            from PIL import Image
+
+            with Image.open(op["path"]) as image:
+                self.client.log_image(self.run_id, image.convert("RGB"), key=op["key"], step=op["step"],
+                                      timestamp=op["time"], synchronous=True)
+        elif kind == "artifact":
+            self.client.log_artifact(self.run_id, op["path"], op["artifact_path"])
+        elif kind == "tags":
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in op["tags"].items()])
+        elif kind == "register":
+            self._register(op["name"], op["artifact"])
+        else:
+            raise ValueError(f"unknown MLflow op {kind!r}")
+
+    def _register(self, name: str, artifact: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(name, f"runs:/{self.run_id}/{artifact}", run_id=self.run_id)
+        log.info("registered %s version %s (%s)", name, version.version, version.source)
+
+
+def _rejected(e: Exception) -> bool:
+    """A call that can never succeed (bad value, file since deleted): drop it rather than retry."""
+    return isinstance(e, (ValueError, FileNotFoundError)) or getattr(e, "error_code", None) in _REJECTED
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _append_op(path: Path, op: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(op) + "\n")
+
+
+def _write_ops(path: Path, ops: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(op) + "\n" for op in ops), encoding="utf-8")
+    tmp.replace(path)

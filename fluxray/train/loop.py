@@ -27,6 +27,7 @@ from fluxray.model.generate import generate, image_grid
 from fluxray.model.lora import (add_lora, export_state_dict, lora_metadata, lora_named_params,
                                 restore_lora_scale, save_lora, set_lora_scale)
 from fluxray.model.pipeline import is_guidance_distilled, load_pipeline, resolve_device, resolve_dtype, resolve_model_path
+from fluxray.track.flops import lora_step_flops, peak_flops
 from fluxray.train.engine import activation_estimate, choose_zero_stage, gathered, init_engine
 from fluxray.train.flow import ema_decay_at, ema_update
 from fluxray.train.step import StepSpec, training_loss, validation_cases, validation_loss_sum
@@ -264,9 +265,10 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
     last_loss = float("nan")
     train_seconds = 0.0
     last_status = 0.0
+    peak = peak_flops(torch.cuda.get_device_name(device)) if bf16 else None  # MFU only where it means something
     for step in range(start, cfg.train.steps):
         t = time.time()
-        losses = []
+        losses, flops = [], 0.0
         for micro in range(cfg.train.grad_accum):
             ms = step * cfg.train.grad_accum + micro
             batch = rank_batch(items, cfg.train.batch_size, cfg.train.seed, world, rank, ms)
@@ -276,6 +278,7 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
+            flops += lora_step_flops(transformer.config, *batch[0].size, cfg.model.max_sequence_length, len(batch))
         done = step + 1
         if ema is not None:
             with gathered(lora_params, stage):
@@ -290,7 +293,8 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
             images = cfg.train.batch_size * cfg.train.grad_accum * world
             tracker.log_metrics({"loss": last_loss, "lr": schedule.get_last_lr()[0],
                                  "grad_norm": float(gn) if gn is not None else float("nan"),
-                                 "step_time": dt, "images_per_sec": images / dt}, done)
+                                 "step_time": dt, "images_per_sec": images / dt,
+                                 **({"mfu": flops / dt / peak} if peak else {})}, done)
         progress.update(done, last_loss, train_seconds / (done - start))
         final = done == cfg.train.steps
         if done % cfg.validation_every == 0 or final:
@@ -321,7 +325,7 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
             shutil.copyfile(src, final_path)
         summary["lora"] = str(final_path)
         if tracker:
-            tracker.log_artifact(final_path, "lora")
+            tracker.log_lora(final_path)
             tracker.status(state="finished", step=cfg.train.steps, lora=str(final_path))
         print(f"LoRA written to {final_path}", flush=True)
     return summary

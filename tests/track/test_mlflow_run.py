@@ -1,0 +1,266 @@
+"""MLflow tracking against real stores (sqlite, and `fluxray mlflow` over HTTP), read back with
+MlflowClient: one run per job with its config, metrics, previews and LoRA; a resumed run with a
+clean step axis; and training that goes on through an outage and uploads afterwards."""
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from fluxray.cli import main as cli
+from fluxray.config import load_config
+from fluxray.data.prepare import read_prepared
+from fluxray.track.local import read_metrics
+from fluxray.track.mlflow_run import (PENDING_FILE, MlflowRun, job_params, ray_job_id, start_job_run,
+                                      tracking_uri)
+from fluxray.track.tracker import Tracker
+from fluxray.train.job import run_job
+
+TRAIN_METRICS = ("loss", "lr", "grad_norm", "step_time", "images_per_sec")
+TWO_PROMPTS = 'sample.prompts=["[trigger], portrait photo", "[trigger] in a park"]'
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _the_run(client: MlflowClient, cfg):
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def _steps(client, run_id, key) -> list[int]:
+    """The metric's steps in the order they were logged."""
+    history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+    return [m.step for m in history]
+
+
+def _images(client, run_id) -> Counter:
+    """(key, step) of every full-size image that `log_image(key=, step=)` stored under images/."""
+    names = [a.path for a in client.list_artifacts(run_id, "images")]
+    found = Counter()
+    for name in names:
+        m = re.fullmatch(r"images/(.+)\+step\+(\d+)\+timestamp\+\d+\+[-0-9a-f]+\.png", name)
+        if m:
+            found[m[1], int(m[2])] += 1
+    return found
+
+
+def _lost_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "tracking lost" in r.getMessage()]
+
+
+# -- the run's identity -------------------------------------------------------------------
+
+def test_one_run_per_job_with_the_config_as_params_and_identity_tags(tiny_config, monkeypatch):
+    monkeypatch.setenv("RAY_JOB_ID", "02000000")
+    cfg = tiny_config()
+    run_id = start_job_run(cfg)
+    client = MlflowClient(tracking_uri(cfg))
+    run = client.get_run(run_id)
+    assert run.data.params == job_params(cfg)
+    assert run.data.params["train.steps"] == "40" and run.data.params["dataset.resolutions"] == "[64]"
+    tags = run.data.tags
+    assert tags["fluxray.run_name"] == tags["mlflow.runName"] == "test-run"
+    assert tags["trigger_word"] == "pxco" and tags["base_model"] == cfg.model.path
+    assert tags["dataset_hash"] == read_prepared(cfg.dataset.path).info.content_hash
+    assert tags["fluxray.version"] == __import__("fluxray").__version__
+    assert ray_job_id() is not None and tags["ray.job_id"] == ray_job_id()
+
+    # Resuming with a changed config reuses the run; params stay those of the first start.
+    resumed = tiny_config("train.steps=80")
+    assert start_job_run(resumed) == run_id
+    assert _the_run(client, cfg).data.params["train.steps"] == "40"
+
+    # MLflow refuses param values over 6000 characters: a very long prompt list is cut.
+    long = tiny_config("save.name=long-prompts", f'sample.prompts=["[trigger], {"very " * 1500}long"]')
+    assert len(job_params(long)["sample.prompts"]) == 6000
+    assert len(client.get_run(start_job_run(long)).data.params["sample.prompts"]) == 6000
+
+
+def test_start_gives_up_quickly_when_nothing_listens(tiny_config, caplog):
+    cfg = tiny_config(f"tracking.uri=http://127.0.0.1:{_free_port()}")
+    t = time.time()
+    with caplog.at_level(logging.WARNING, logger="fluxray.mlflow"):
+        assert start_job_run(cfg) is None
+    assert time.time() - t < 30
+    assert len(_lost_lines(caplog)) == 1
+
+
+# -- outages --------------------------------------------------------------------------------
+
+def _start_server(root, port: int) -> subprocess.Popen:
+    """`fluxray mlflow` on the storage root, in its own process group."""
+    proc = subprocess.Popen([sys.executable, "-m", "fluxray.cli", "mlflow", "--set", f"storage.root={root}",
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise RuntimeError("fluxray mlflow did not come up")
+            time.sleep(0.5)
+
+
+def test_calls_wait_on_disk_through_an_outage_and_go_out_when_the_server_is_back(tiny_config, tmp_path, caplog,
+                                                                                monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast: each call below tries the server
+    port = _free_port()
+    cfg = tiny_config(f"tracking.uri=http://127.0.0.1:{port}", "tracking.register_model=pxco-lora")
+    run_dir = cfg.storage_root / "runs" / cfg.save.name
+    pending = run_dir / PENDING_FILE
+    tracker = Tracker(run_dir, MlflowRun(cfg, None, pending, retry_seconds=0.0))
+    lora = tmp_path / "pxco.safetensors"
+    lora.write_bytes(b"not really a LoRA")
+    with caplog.at_level(logging.INFO, logger="fluxray.mlflow"):
+        tracker.log_metrics({"loss": 1.0}, 1)
+        tracker.log_image(Image.new("RGB", (32, 32), "red"), "sample_0", 1)
+        tracker.log_artifact(tmp_path / "deleted-meanwhile.safetensors", "checkpoints")
+        tracker.log_lora(lora)
+        assert len(_lost_lines(caplog)) == 1  # one line for the outage, not one per call
+        assert [json.loads(line)["op"] for line in pending.read_text().splitlines()] == \
+            ["metrics", "image", "artifact", "artifact", "register"]
+
+        server = _start_server(cfg.storage_root, port)
+        try:
+            tracker.log_metrics({"loss": 0.5}, 2)
+            assert not pending.exists()
+            assert any("tracking restored" in r.getMessage() for r in caplog.records)
+            # A call that can never succeed is dropped with a warning, not retried forever.
+            assert any("rejected a pending artifact call" in r.getMessage() for r in caplog.records)
+
+            client = MlflowClient(f"http://127.0.0.1:{port}")
+            run = _the_run(client, cfg)
+            run_id = run.info.run_id
+            assert run.data.params == job_params(cfg)
+            assert _steps(client, run_id, "loss") == [1, 2]
+            assert _images(client, run_id) == {("sample_0", 1): 1}
+            assert client.list_artifacts(run_id, "checkpoints") == []
+            version, = client.search_model_versions("name='pxco-lora'")
+            assert version.source == f"runs:/{run_id}/lora/pxco.safetensors" and version.run_id == run_id
+            got = client.download_artifacts(run_id, "lora/pxco.safetensors", str(tmp_path / "dl"))
+            assert open(got, "rb").read() == lora.read_bytes()
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_training_goes_on_when_mlflow_is_down_and_sync_uploads_it_later(tiny_config, caplog, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the bounded default is timed above
+    cfg = tiny_config(f"tracking.uri=http://127.0.0.1:{_free_port()}", "train.steps=2", "save.every=2",
+                      "sample.every=2", "sample.steps=2", 'sample.prompts=["[trigger], portrait photo"]',
+                      "distributed.workers=1")
+    with caplog.at_level(logging.WARNING, logger="fluxray.mlflow"):
+        summary = run_job(cfg, local=True)
+    assert summary["steps"] == 2
+    assert len(_lost_lines(caplog)) == 1
+    assert any("fluxray mlflow sync --run test-run" in r.getMessage() for r in caplog.records)
+
+    # The local copies: metrics, previews, LoRA files, and the spool that points at them.
+    run_dir = cfg.storage_root / "runs" / "test-run"
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 2]
+    for step in (0, 2):
+        for key in ("sample_0", "grid"):
+            assert (run_dir / "samples" / f"step{step:06d}-{key}.png").exists()
+    assert (cfg.storage_root / "loras" / "test-run.safetensors").exists()
+    ops = [json.loads(line) for line in (run_dir / PENDING_FILE).read_text().splitlines()]
+    assert all(os.path.exists(op["path"]) for op in ops if "path" in op)
+
+    # Later, into a store that answers: the whole run arrives.
+    uri = f"sqlite:///{cfg.storage_root / 'mlflow' / 'mlflow.db'}"
+    assert cli(["mlflow", "sync", "--run", "test-run", "--set", f"storage.root={cfg.storage_root}",
+                "--set", f"tracking.uri={uri}"]) == 0
+    assert not (run_dir / PENDING_FILE).exists()
+    client = MlflowClient(uri)
+    run = _the_run(client, cfg)
+    assert run.data.params["train.steps"] == "2"
+    for key in TRAIN_METRICS:
+        assert _steps(client, run.info.run_id, key) == [1, 2]
+    assert _steps(client, run.info.run_id, "val_loss") == [0, 2]
+    assert _images(client, run.info.run_id) == {(k, s): 1 for k in ("sample_0", "grid") for s in (0, 2)}
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "lora")] == ["lora/test-run.safetensors"]
+
+
+# -- a real 2-worker Ray run, with a worker killed mid-run ------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_runs(tmp_path_factory):
+    return {"root": tmp_path_factory.mktemp("tracked"), "runs": {}}
+
+
+def _tracked_run(ray_runs, tiny_config):
+    """6 steps on 2 workers, previews and checkpoints every 2; rank 1 dies at step 4, after rank 0
+    logged step 3 and before the step-4 checkpoint, so the resumed run redoes step 3."""
+    if "tracked" not in ray_runs["runs"]:
+        cfg = tiny_config("distributed.workers=2", "distributed.max_failures=1", "train.steps=6", "save.every=2",
+                          "sample.every=2", "sample.steps=2", TWO_PROMPTS, "tracking.register_model=pxco-tiny",
+                          "save.name=tracked", root=ray_runs["root"])
+        os.environ["FLUXRAY_CRASH_AT"] = "4:1"
+        try:
+            run_job(cfg)
+        finally:
+            del os.environ["FLUXRAY_CRASH_AT"]
+        run_dir = cfg.storage_root / "runs" / "tracked"
+        resolved = load_config(run_dir / "config.yaml")
+        client = MlflowClient(tracking_uri(resolved))
+        ray_runs["runs"]["tracked"] = (resolved, run_dir, client, _the_run(client, resolved))
+    return ray_runs["runs"]["tracked"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_run_is_one_complete_mlflow_run_after_a_worker_failure(ray_runs, tiny_config, ray_driver):
+    import ray
+
+    cfg, run_dir, client, run = _tracked_run(ray_runs, tiny_config)
+    assert (run_dir / ".crashed-4-1").exists(), "the injected failure never fired"
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.params == job_params(cfg)
+    assert run.data.tags["ray.job_id"] == ray.get_runtime_context().get_job_id()
+    # Every step once, in order, although steps 3 ran twice (before the crash and after it).
+    for key in TRAIN_METRICS:
+        assert _steps(client, run_id, key) == [1, 2, 3, 4, 5, 6], key
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert _steps(client, run_id, "val_loss") == [0, 2, 4, 6]
+    assert _images(client, run_id) == {(k, s): 1 for k in ("sample_0", "sample_1", "grid") for s in (0, 2, 4, 6)}
+    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == \
+        {f"checkpoints/tracked-step{s:06d}.safetensors" for s in (2, 4, 6)}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_runs_final_lora_artifact_loads_in_diffusers_and_is_registered(ray_runs, tiny_config, ray_driver,
+                                                                         tiny_model, tmp_path):
+    from diffusers import FluxPipeline
+
+    cfg, _, client, run = _tracked_run(ray_runs, tiny_config)
+    path = client.download_artifacts(run.info.run_id, "lora/tracked.safetensors", str(tmp_path))
+    assert open(path, "rb").read() == (cfg.storage_root / "loras" / "tracked.safetensors").read_bytes()
+    pipe = FluxPipeline.from_pretrained(tiny_model)
+    pipe.load_lora_weights(path, adapter_name="tracked")
+    assert pipe.get_list_adapters() == {"transformer": ["tracked"]}
+    version, = client.search_model_versions("name='pxco-tiny'")
+    assert version.source == f"runs:/{run.info.run_id}/lora/tracked.safetensors"
