@@ -27,10 +27,9 @@ PENDING_FILE = "mlflow-pending.jsonl"
 #: long, then twice as long each failure up to the cap (a black-holed host costs ~35 s a try).
 RETRY_SECONDS = 60.0
 MAX_RETRY_SECONDS = 600.0
-#: MLflow's HTTP defaults retry for minutes; a step must not stall that long. Set the
-#: variables to override.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+#: MLflow's HTTP defaults retry for minutes (a warning line per retry); a step must not
+#: stall that long, and the spool already retries later. Set the variables to override.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 #: MLflow refuses longer param values.
 MAX_PARAM_CHARS = 6000
 #: MLflow error codes that reject one call (bad value, duplicate) rather than signal an outage.
@@ -158,12 +157,15 @@ def start_job_run(cfg: JobConfig) -> str | None:
 def end_job_run(cfg: JobConfig, status: str = "FINISHED") -> None:
     """Driver, at job end: send what rank 0 could not, then mark the run finished or failed."""
     pending = cfg.storage_root / "runs" / cfg.save.name / PENDING_FILE
+    waiting = len(read_jsonl(pending))
     # A spool means the outage was reported already: only say where it waits.
-    run = MlflowRun(cfg, None, pending, down=pending.exists())
+    run = MlflowRun(cfg, None, pending, down=waiting > 0)
     if not run.flush():
-        if pending.exists():
+        if waiting:
             run.warn_pending()
         return
+    if waiting:
+        run.warn_restored(waiting)
     try:
         run.client.set_terminated(run.run_id, status)
     except Exception as e:  # noqa: BLE001
@@ -232,6 +234,9 @@ class MlflowRun:
         if self.pending.exists() or self.run_id is None:
             self.flush()
 
+    def warn_restored(self, sent: int) -> None:
+        log.warning("MLflow tracking restored at %s: %d pending call(s) sent", tracking_uri(self.cfg), sent)
+
     def warn_pending(self) -> None:
         log.warning("MLflow unreachable at %s: %d call(s) wait in %s; send them with `fluxray mlflow sync "
                     "--run %s`", tracking_uri(self.cfg), len(read_jsonl(self.pending)), self.pending,
@@ -256,8 +261,6 @@ class MlflowRun:
         except Exception as e:  # noqa: BLE001
             self._lose(e)
             return False
-        if self.down:
-            log.warning("MLflow tracking restored at %s: %d pending call(s) sent", tracking_uri(self.cfg), len(ops))
         self.down = False
         self._wait = self.retry_seconds
         return True
@@ -278,7 +281,12 @@ class MlflowRun:
     def _reconnect(self) -> bool:
         if time.time() < self._retry_at:
             return False
-        return self.flush()
+        down, waiting = self.down, len(read_jsonl(self.pending))
+        if not self.flush():
+            return False
+        if down:
+            self.warn_restored(waiting)
+        return True
 
     def _lose(self, e: Exception) -> None:
         self._retry_at = time.time() + self._wait

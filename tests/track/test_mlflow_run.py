@@ -121,9 +121,7 @@ def _start_server(root, port: int) -> subprocess.Popen:
             time.sleep(0.5)
 
 
-def test_calls_wait_on_disk_through_an_outage_and_go_out_when_the_server_is_back(tiny_config, tmp_path, caplog,
-                                                                                monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast: each call below tries the server
+def test_calls_wait_on_disk_through_an_outage_and_go_out_when_the_server_is_back(tiny_config, tmp_path, caplog):
     port = _free_port()
     cfg = tiny_config(f"tracking.uri=http://127.0.0.1:{port}", "tracking.register_model=pxco-lora")
     run_dir = cfg.storage_root / "runs" / cfg.save.name
@@ -165,8 +163,7 @@ def test_calls_wait_on_disk_through_an_outage_and_go_out_when_the_server_is_back
 
 
 @pytest.mark.slow
-def test_training_goes_on_when_mlflow_is_down_and_sync_uploads_it_later(tiny_config, caplog, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the bounded default is timed above
+def test_training_goes_on_when_mlflow_is_down_and_sync_uploads_it_later(tiny_config, caplog):
     cfg = tiny_config(f"tracking.uri=http://127.0.0.1:{_free_port()}", "train.steps=2", "save.every=2",
                       "sample.every=2", "sample.steps=2", 'sample.prompts=["[trigger], portrait photo"]',
                       "distributed.workers=1")
