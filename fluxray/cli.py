@@ -86,6 +86,41 @@ def _cmd_mlflow(args) -> int:
     return serve(cfg, args.host, args.port)
 
 
+def _cmd_advise(args) -> int:
+    from fluxray.advise.estimate import estimate
+    from fluxray.advise.rules import advise, check_strict, dataset_facts, format_advice
+
+    cfg = _load(args)
+    items = advise(cfg)
+    print(format_advice(items))
+    print(estimate(cfg, gpu=args.gpu, mfu=args.mfu, sizes=dataset_facts(cfg)[1]).format())
+    if args.strict:
+        check_strict(items)
+    return 0
+
+
+def _cmd_import_config(args) -> int:
+    from fluxray.compat.aitoolkit import import_aitoolkit
+
+    report = import_aitoolkit(args.file)
+    if args.out:
+        Path(args.out).write_text(report.to_yaml(args.out), encoding="utf-8")
+        print(report.format())
+        print(f"fluxray config written to {args.out}")
+    else:  # the YAML on stdout (redirectable), the report on stderr
+        print(report.to_yaml(), end="")
+        print(report.format(), file=sys.stderr)
+    return 0
+
+
+def _cmd_doctor(args) -> int:
+    from fluxray.advise.doctor import doctor, format_checks
+
+    checks = doctor(_load(args) if args.config or args.overrides else None, ray_timeout=args.ray_timeout)
+    print(format_checks(checks))
+    return 1 if any(c.status == "fatal" for c in checks) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluxray", description="Train FLUX.1 LoRAs on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -123,6 +158,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=_cmd_mlflow)
+
+    p = sub.add_parser("advise", help="what to change before training (the guide's advice), and a time estimate")
+    _add_config_args(p, required=True)
+    p.add_argument("--strict", action="store_true", help="exit non-zero when there is any warning or error")
+    p.add_argument("--gpu", default="H100", help="GPU of the time estimate (H100, H200, A100, L40S, RTX 4090, ...)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed by the estimate")
+    p.set_defaults(func=_cmd_advise)
+
+    p = sub.add_parser("import-config", help="convert another trainer's config (ai-toolkit) to a fluxray config")
+    p.add_argument("tool", choices=("ai-toolkit",))
+    p.add_argument("file", help="the ai-toolkit YAML (config.process[0] with network, datasets, train, sample)")
+    p.add_argument("-o", "--out", help="write the fluxray YAML here (default: stdout, report on stderr)")
+    p.set_defaults(func=_cmd_import_config)
+
+    p = sub.add_parser("doctor", help="check Ray, GPUs, MLflow, the model and disk space; print what to fix")
+    _add_config_args(p)
+    p.add_argument("--ray-timeout", type=float, default=30.0, help="seconds to wait for the Ray cluster")
+    p.set_defaults(func=_cmd_doctor)
     return parser
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fluxray.compat.prompt_flags import parse_prompt_flags
 from fluxray.errors import ConfigError
 
 #: The user's guide's three preview prompts; `[trigger]` becomes `dataset.trigger_word`.
@@ -97,6 +98,9 @@ class TrainConfig(_Section):
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field("auto", description="Compute precision; `auto` is bf16 on GPU, fp32 on CPU.")
     gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="Recompute activations in backward; `auto` turns it on only when memory needs it.")
     compile: bool = Field(False, description="torch.compile the transformer (first steps are slower).")
+    early_stop: bool = Field(False, description="Stop (and save) once the fixed-noise validation loss has plateaued.")
+    early_stop_patience: int = Field(5, ge=1, description="Validations without an `early_stop_min_delta` improvement that count as a plateau.")
+    early_stop_min_delta: float = Field(0.01, ge=0, lt=1, description="Relative drop of the smoothed validation loss that counts as an improvement.")
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -126,6 +130,17 @@ class SampleConfig(_Section):
     height: int = Field(1024, ge=64, description="Preview height in pixels.")
     steps: int = Field(20, ge=1, description="Flow-match Euler steps per preview.")
     guidance: float = Field(3.5, ge=0, description="Guidance scale of the previews (3.5-4 for dev).")
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompt_flags(cls, v: list) -> list:
+        # Inline kohya/ai-toolkit flags (`--w 768 --d 42`) fail here, at load, not in a worker.
+        for i, p in enumerate(v):
+            try:
+                parse_prompt_flags(p if isinstance(p, str) else p.prompt, f"prompt {i}")
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return v
 
     @field_validator("width", "height")
     @classmethod
@@ -223,6 +238,8 @@ class JobConfig(_Section):
         out = []
         for i, p in enumerate(self.sample.prompts):
             p = SamplePrompt(prompt=p) if isinstance(p, str) else p
+            text, flags = parse_prompt_flags(p.prompt, f"sample.prompts.{i}")
+            p = p.model_copy(update={"prompt": text, **flags})  # flags win, as in ai-toolkit
             seed = p.seed if p.seed is not None else self.sample.seed + (i if self.sample.walk_seed else 0)
             out.append(SamplePrompt(
                 prompt=p.prompt.replace("[trigger]", trigger), seed=seed,

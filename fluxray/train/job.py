@@ -97,12 +97,14 @@ def write_run_config(cfg: JobConfig) -> Path:
 
 def run_job(cfg: JobConfig, local: bool = False, resume: bool = False) -> dict:
     """Resolve, record and run one training job; the one function every entry point calls."""
+    from fluxray.advise.rules import print_advice
     from fluxray.track import make_tracker
     from fluxray.track.mlflow_run import end_job_run, start_job_run
 
     if resume and not cfg.save.name:
         raise ConfigError("save.name: --resume needs the name of the run to resume")
     cfg = resolve_job(cfg)
+    print_advice(cfg)  # the guide's advice, printed; it never stops a job
     existing = (run_dir(cfg) / "config.yaml").exists()
     if resume and not existing:
         raise ConfigError(f"save.name: no run named {cfg.save.name!r} under {cfg.storage_root / 'runs'} to resume")

@@ -20,10 +20,12 @@ from typing import Callable
 
 import torch
 
+from fluxray.advise.convergence import ConvergenceWatch
 from fluxray.config import JobConfig
 from fluxray.data.buckets import check_fits, make_items, rank_batch
 from fluxray.data.cache import CacheStore, build_caches, model_key
 from fluxray.model.generate import generate, image_grid
+from fluxray.model.kohya import kohya_path, save_kohya
 from fluxray.model.lora import (add_lora, export_state_dict, lora_metadata, lora_named_params,
                                 restore_lora_scale, save_lora, set_lora_scale)
 from fluxray.model.pipeline import is_guidance_distilled, load_pipeline, resolve_device, resolve_dtype, resolve_model_path
@@ -212,6 +214,7 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
     val = validation_cases(items, captions, cfg.validation.images, cfg.validation.sigmas, cfg.train.seed)
     per_rank = math.ceil(len(val) / world)
     my_val = val[rank * per_rank:(rank + 1) * per_rank]
+    watch = ConvergenceWatch(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
 
     def validate(step: int) -> float:
         engine.eval()
@@ -224,6 +227,7 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
         loss = total / len(val)
         if tracker:
             tracker.log_metrics({"val_loss": loss}, step)
+        watch.add(step, loss, tracker)  # every rank: they all agree when to stop early
         return loss
 
     def file_tensors() -> dict[str, torch.Tensor]:
@@ -239,6 +243,9 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
                              resolution=cfg.dataset.resolutions, name=paths.name,
                              extra={"ema": cfg.train.ema, "dataset_hash": dataset.info.content_hash})
         path = save_lora(paths.step_lora(step), tensors, meta)
+        if cfg.save.kohya:
+            save_kohya(path, tensors, meta)
+        watch.saved(step, path, tracker)
         if tracker:
             tracker.log_artifact(path, "checkpoints")
         return path
@@ -263,6 +270,7 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
     progress = _Progress(cfg.train.steps, start, is_main)
     engine.train()
     last_loss = float("nan")
+    done = start
     train_seconds = 0.0
     last_status = 0.0
     peak = peak_flops(torch.cuda.get_device_name(device)) if bf16 else None  # MFU only where it means something
@@ -299,6 +307,7 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
         final = done == cfg.train.steps
         if done % cfg.validation_every == 0 or final:
             validate(done)
+            final = final or (cfg.train.early_stop and watch.converged)
         tensors = None
         if done % cfg.save.every == 0 or final:
             tensors = file_tensors()
@@ -311,22 +320,26 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
             last_status = time.time()
             tracker.status(step=done, loss=last_loss, sec_per_step=train_seconds / (done - start),
                            sample_seconds=sample_seconds)
+        if final:
+            break
     progress.close()
 
-    summary = {"steps": cfg.train.steps, "loss": last_loss, "zero_stage": stage, "sample_seconds": sample_seconds,
+    summary = {"steps": done, "convergence": watch.summary(), "loss": last_loss, "zero_stage": stage, "sample_seconds": sample_seconds,
                "train_seconds": train_seconds, "cache": caches.stats.__dict__, "encoders_loaded": encoders_loaded}
     if is_main:
         final_path = paths.final_lora
         final_path.parent.mkdir(parents=True, exist_ok=True)
-        src = paths.step_lora(cfg.train.steps)
+        src = paths.step_lora(done)
         if src.exists():
             import shutil
 
             shutil.copyfile(src, final_path)
+            if kohya_path(src).exists():
+                shutil.copyfile(kohya_path(src), kohya_path(final_path))
         summary["lora"] = str(final_path)
         if tracker:
             tracker.log_lora(final_path)
-            tracker.status(state="finished", step=cfg.train.steps, lora=str(final_path))
+            tracker.status(state="finished", step=done, lora=str(final_path))
         print(f"LoRA written to {final_path}", flush=True)
     return summary
 

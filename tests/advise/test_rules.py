@@ -1,0 +1,143 @@
+"""Advice before a job starts: one case per rule, the guide's own settings pass strict mode,
+the dataset is read from disk, the module imports without torch, and the CLI's --strict."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fluxray.advise.rules import AdviceError, advise, check_strict, dataset_facts, format_advice
+from fluxray.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent.parent
+GUIDE_IMAGES = [(1024, 1024)] * 18  # the guide's 18 images, large enough for every bucket
+
+
+def guide(*overrides):
+    """configs/flux-dev.yaml (the guide's settings) with overrides; no dataset on disk."""
+    return load_config(REPO / "configs" / "flux-dev.yaml", ["dataset.path=null", *overrides])
+
+
+def ids(cfg, **kw):
+    kw.setdefault("image_sizes", GUIDE_IMAGES)
+    found = {}
+    for a in advise(cfg, **kw):
+        found.setdefault(a.id, a)
+    return found
+
+
+def test_the_guides_settings_get_no_warning_and_pass_strict_mode():
+    items = advise(guide(), image_sizes=GUIDE_IMAGES)
+    assert [a.severity for a in items] == ["info"] * len(items)
+    check_strict(items)
+    assert "nothing to change" in format_advice([])
+
+
+CASES = [
+    # (id, overrides, advise kwargs, the config key it names, words the message or fix must carry)
+    ("steps.too_few", ["train.steps=100"], {}, "train.steps", ["generic face", "set train.steps to 1000"]),
+    ("steps.below_recommended", ["train.steps=600"], {}, "train.steps", ["1000"]),
+    ("steps.beyond_guide", ["train.steps=4000"], {}, "train.steps", ["early_stop"]),
+    ("steps.few_repeats", ["train.steps=100"], {}, "train.steps", ["~5.6 times", "~5-6 times"]),
+    ("steps.few_repeats", ["train.steps=1000"], {"image_sizes": [(1024, 1024)] * 200}, "train.steps", ["5.0 times"]),
+    ("steps.many_repeats", ["train.steps=2000"], {"image_sizes": [(1024, 1024)] * 8}, "train.steps", ["memorises"]),
+    ("sample.no_prompts", ["sample.prompts=[]"], {}, "sample.prompts", ["nothing to watch"]),
+    ("prompt.no_trigger", ["sample.prompts=['portrait photo']"], {}, "sample.prompts.0", ["'pxco'", "[trigger]"]),
+    ("prompt.trigger_only", ["sample.prompts=['[trigger]']"], {}, "sample.prompts.0", ["too short"]),
+    ("prompt.too_long", ["sample.prompts=['[trigger], " + "very " * 70 + "long']"], {}, "sample.prompts.0",
+     ["dilute"]),
+    ("prompt.truncated", ["model.max_sequence_length=8"], {}, "sample.prompts.0", ["max_sequence_length is 8"]),
+    ("lr.too_low", ["train.lr=1e-6"], {}, "train.lr", ["0.0005"]),
+    ("lr.too_high", ["train.lr=5e-3"], {}, "train.lr", ["burn"]),
+    ("batch.exceeds_dataset", ["train.batch_size=8", "distributed.workers=8"], {}, "train.batch_size", ["will fail"]),
+    ("batch.exceeds_dataset", ["train.batch_size=4", "distributed.workers=5"], {"image_sizes": [(512, 512)] * 18},
+     "train.batch_size", ["= 20", "largest bucket (18"]),
+    ("batch.exceeds_dataset", ["train.batch_size=8", "distributed.workers=8", "dataset.resolutions=[512]"],
+     {"image_sizes": None, "num_images": 18}, "train.batch_size", ["= 64"]),
+    ("batch.large_for_dataset", ["distributed.workers=8", "train.steps=250"], {}, "distributed.workers",
+     ["shorter run"]),
+    ("batch.above_guide", ["train.batch_size=2", "train.steps=500"], {}, "train.batch_size", ["batch 1"]),
+    ("lora.rank_low", ["lora.rank=2", "lora.alpha=null"], {}, "lora.rank", ["set lora.rank to 16"]),
+    ("lora.rank_high", ["lora.rank=256", "lora.alpha=null"], {}, "lora.rank", ["set lora.rank to 16"]),
+    ("lora.alpha_low", ["lora.alpha=1"], {}, "lora.alpha", ["16x"]),
+    ("save.kohya_unmapped", ["lora.targets=['attn.to_q', 'x_embedder']"], {}, "lora.targets", ["x_embedder"]),
+    ("ema.off", ["train.ema=false"], {}, "train.ema", ["EMA"]),
+    ("ema.too_slow", ["train.ema_decay=0.999"], {}, "train.ema_decay", ["~1000 steps", "0.996"]),
+    ("sample.off", ["sample.every=0"], {}, "sample.every", ["every 50"]),
+    ("sample.rare", ["sample.every=500"], {}, "sample.every", ["too rare"]),
+    ("sample.guidance", ["sample.guidance=7"], {}, "sample.guidance", ["outside 2-5"]),
+    ("sample.guidance", ["sample.prompts=[{prompt: '[trigger], portrait', guidance: 1.0}]"], {}, "sample.prompts.0",
+     ["guidance 1"]),
+    ("sample.steps_few", ["sample.steps=8"], {}, "sample.steps", ["set sample.steps to 20"]),
+    ("sample.costly", ["sample.every=20"], {}, "sample.every", ["of the run's compute", "sample.every: 40"]),
+    ("caption_dropout.zero", ["dataset.caption_dropout=0"], {}, "dataset.caption_dropout", ["0.05"]),
+    ("caption_dropout.high", ["dataset.caption_dropout=0.5"], {}, "dataset.caption_dropout", ["0.05"]),
+    ("train.guidance", ["train.guidance=3.5"], {}, "train.guidance", ["1.0"]),
+    ("resolution.unused", [], {"image_sizes": [(640, 640)] * 18}, "dataset.resolutions", ["[768, 1024]"]),
+    ("resolution.small_images", [], {"image_sizes": [(256, 256)] * 18}, "dataset.resolutions", ["18 of 18", "256x256"]),
+    ("sample.larger_than_training", ["dataset.resolutions=[512]"], {}, "sample.width", ["~512px"]),
+    ("save.only_final", ["save.every=1000"], {}, "save.every", ["only the final"]),
+]
+
+
+@pytest.mark.parametrize("rule, overrides, kw, key, words", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_each_rule_fires_with_its_key_and_fix(rule, overrides, kw, key, words):
+    assert rule not in ids(guide()), "the guide's settings must not trigger it"
+    found = ids(guide(*overrides), **kw)
+    assert rule in found, format_advice(list(found.values()))
+    a = found[rule]
+    assert a.key == key and a.fix and a.severity in ("info", "warning", "error")
+    for w in words:
+        assert w in a.message + " fix: " + a.fix, (w, a)
+
+
+def test_dev_only_rules_stay_quiet_for_schnell():
+    found = ids(guide("model.path=black-forest-labs/FLUX.1-schnell", "train.guidance=3.5", "sample.guidance=0",
+                      "sample.steps=4"))
+    assert not {"train.guidance", "sample.guidance", "sample.steps_few"} & set(found)
+
+
+def test_errors_come_first_and_strict_mode_raises():
+    items = advise(guide("train.steps=100", "train.batch_size=8", "distributed.workers=8"), image_sizes=GUIDE_IMAGES)
+    assert items[0].severity == "error"
+    with pytest.raises(AdviceError, match="batch.exceeds_dataset"):
+        check_strict(items)
+
+
+def test_dataset_is_read_from_a_prepared_folder_and_from_a_raw_one(prepared_sample):
+    assert dataset_facts(guide(f"dataset.path={prepared_sample}")) == (18, [(256, 256)] * 18, "pxco")
+    n, sizes, trigger = dataset_facts(guide(f"dataset.path={REPO / 'samples' / 'pxco'}"))
+    assert (n, trigger) == (18, "pxco") and sizes == [(256, 256)] * 18
+    # A prompt without the dataset's trigger is caught with no trigger in the config.
+    cfg = guide(f"dataset.path={prepared_sample}", "dataset.trigger_word=null", "sample.prompts=['a photo of a man']")
+    assert "prompt.no_trigger" in {a.id for a in advise(cfg)}
+
+
+def test_advice_imports_and_runs_without_torch(prepared_sample):
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'diffusers', 'deepspeed', 'ray'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from fluxray.advise.rules import advise\n"
+        "from fluxray.config import load_config\n"
+        f"cfg = load_config({str(REPO / 'configs' / 'flux-dev.yaml')!r}, ['dataset.path={prepared_sample}', 'train.steps=100'])\n"
+        "print(sorted(a.id for a in advise(cfg)))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "steps.too_few" in r.stdout and "resolution.small_images" in r.stdout
+
+
+def test_cli_prints_advice_and_estimate_and_strict_exits_non_zero(tmp_path):
+    fluxray = str(Path(sys.executable).parent / "fluxray")
+    args = [fluxray, "advise", "--config", "configs/flux-dev.yaml", "--set", "dataset.path=null"]
+    ok = subprocess.run(args + ["--strict"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "GPU-hours" in ok.stdout and "1 x H100" in ok.stdout
+    bad = subprocess.run(args + ["--set", "train.steps=100", "--strict", "--gpu", "A100"], capture_output=True,
+                         text=True, cwd=REPO, timeout=300)
+    assert bad.returncode == 2 and "steps.too_few" in bad.stdout and "strict mode" in bad.stderr
+    assert "Traceback" not in bad.stderr and "1 x A100" in bad.stdout
