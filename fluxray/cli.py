@@ -59,10 +59,27 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _cmd_config(args) -> int:
-    from fluxray.config import dump_config
+def _cmd_serve(args) -> int:
+    import ray
+    from ray import serve
 
-    print(dump_config(_load(args)), end="")
+    from fluxray.serve.app import build_app
+
+    ray.init(address=args.address, configure_logging=False)
+    app = build_app({"config": args.config, "overrides": args.overrides})
+    serve.start(http_options={"host": args.host, "port": args.port})
+    print(f"fluxray at http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops it", flush=True)
+    try:
+        serve.run(app, name="fluxray", route_prefix="/", blocking=True)
+    finally:
+        serve.delete("fluxray")
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from fluxray.config import dump_config, reference_markdown
+
+    print(reference_markdown() if args.reference else dump_config(_load(args)), end="")
     return 0
 
 
@@ -145,8 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="resume the run named by save.name from its last checkpoint")
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("serve", help="run the HTTP API and web page (Ray Serve); jobs go to the same Ray cluster")
+    _add_config_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0 for every interface; set FLUXRAY_API_TOKEN then)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, a running local one, or a new one)")
+    p.set_defaults(func=_cmd_serve)
+
     p = sub.add_parser("config", help="print the resolved config (defaults + file + --set)")
     _add_config_args(p)
+    p.add_argument("--reference", action="store_true", help="print every key with its default and doc (markdown)")
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("mlflow", help="browse the local MLflow store (mlflow server), or `sync` a run's pending calls")

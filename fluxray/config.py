@@ -43,6 +43,8 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
+    """The base FLUX pipeline the LoRA is trained on."""
+
     path: str = Field("black-forest-labs/FLUX.1-dev", description="Base FLUX pipeline: a local diffusers folder, a hub id, or `tiny` for the embedded random-weight model.")
     revision: str | None = Field(None, description="Hub revision of `path` (branch, tag or commit).")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="Dtype of the frozen base weights; `auto` is bf16 on GPU, fp32 on CPU.")
@@ -50,6 +52,8 @@ class ModelConfig(_Section):
 
 
 class DatasetConfig(_Section):
+    """The training images and captions, and how they are bucketed and cached."""
+
     path: str | None = Field(None, description="A prepared dataset folder (metadata.jsonl), or a raw folder of images with captions that is prepared on submit.")
     trigger_word: str | None = Field(None, description="The word that summons the subject; `None` takes the prepared dataset's trigger.")
     caption_dropout: float = Field(0.05, ge=0.0, le=1.0, description="Probability that a step trains on an empty caption (helps the LoRA without its trigger).")
@@ -67,8 +71,22 @@ class DatasetConfig(_Section):
                 raise ValueError(f"each resolution must be a multiple of 16 and >= 64, got {r}")
         return sorted(set(v))
 
+    @field_validator("trigger_word")
+    @classmethod
+    def _trigger(cls, v: str | None) -> str | None:
+        # The prepare rules (one token, stripped), also for a prepared dataset that skips them.
+        from fluxray.data.captions import normalize_trigger
+        from fluxray.errors import DatasetError
+
+        try:
+            return None if v is None else normalize_trigger(v)
+        except DatasetError as e:
+            raise ValueError(str(e).removeprefix("trigger_word ")) from None
+
 
 class LoraConfig(_Section):
+    """The low-rank adapter injected into the transformer."""
+
     rank: int = Field(16, ge=1, le=1024, description="LoRA rank (dimension of the low-rank update).")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; `None` means alpha = rank (scale 1). Baked into the saved weights.")
     targets: list[str] = Field(DEFAULT_LORA_TARGETS, min_length=1, description="Transformer module names (suffixes) that get a LoRA.")
@@ -80,6 +98,8 @@ class LoraConfig(_Section):
 
 
 class TrainConfig(_Section):
+    """The optimisation: steps, learning rate, EMA, noise schedule, precision."""
+
     steps: int = Field(1000, ge=1, description="Optimizer steps; the guide: 500 minimum, 1000 recommended, 1500-2000 for highest quality.")
     lr: float = Field(5e-4, gt=0, le=1.0, description="Peak learning rate of the LoRA weights.")
     batch_size: int = Field(1, ge=1, description="Images per worker per micro-step (the guide: 1 is safe for FLUX).")
@@ -122,6 +142,8 @@ class SamplePrompt(_Section):
 
 
 class SampleConfig(_Section):
+    """Preview images made during training (the same function as `POST /v1/generate`)."""
+
     every: int = Field(50, ge=0, description="Make previews every N steps (and at step 0 and the end); 0 turns previews off.")
     prompts: list[Union[str, SamplePrompt]] = Field(DEFAULT_SAMPLE_PROMPTS, description="Preview prompts: strings or {prompt, seed, ...} objects.")
     seed: int = Field(42, description="Base seed of the previews.")
@@ -151,6 +173,8 @@ class SampleConfig(_Section):
 
 
 class SaveConfig(_Section):
+    """Checkpoints and LoRA files."""
+
     every: int = Field(250, ge=1, description="Save a checkpoint and a LoRA file every N steps.")
     keep_last: int = Field(3, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
     name: str | None = Field(None, description="Name of the run and its LoRA file; `None` derives `<trigger>-<date>-<time>`.")
@@ -160,12 +184,17 @@ class SaveConfig(_Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str | None) -> str | None:
-        if v is not None and (not v or "/" in v or "\\" in v or v.startswith(".")):
-            raise ValueError(f"must be a plain file name (no '/', no leading '.'), got {v!r}")
+        # It names folders and files under storage.root: it must not climb out of them.
+        if v is not None and (not v or "/" in v or "\\" in v or "\0" in v or v.startswith(".")
+                              or len(v.encode("utf-8")) > 200):
+            raise ValueError(f"must be a plain file name of at most 200 bytes (no '/', '\\', NUL or leading '.'), "
+                             f"got {v!r}")
         return v
 
 
 class DistributedConfig(_Section):
+    """Ray Train workers and the DeepSpeed ZeRO stage inside them."""
+
     workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a GPU cluster).")
     gpus_per_worker: Union[float, Literal["auto"]] = Field("auto", description="GPUs per worker; `auto` is 1 when the Ray cluster has GPUs, else 0 (CPU).")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
@@ -188,16 +217,30 @@ class DistributedConfig(_Section):
 
 
 class TrackingConfig(_Section):
+    """MLflow tracking."""
+
     uri: str | None = Field(None, description="MLflow tracking URI; `None` takes $MLFLOW_TRACKING_URI, else a sqlite store under the storage root.")
     experiment: str = Field("fluxray", description="MLflow experiment of the runs.")
     register_model: str | None = Field(None, description="Register the final LoRA in the MLflow model registry under this name.")
 
 
 class StorageConfig(_Section):
-    root: str = Field("~/fluxray", description="Where datasets, caches, runs, LoRAs and the local MLflow store go (a path or a URI Ray accepts).")
+    """Where everything a job reads and writes lives."""
+
+    root: str = Field("~/fluxray", description="Where datasets, caches, runs, LoRAs and the local MLflow store go: a path, the same on every node (an NFS/EFS mount on a cluster).")
+    checkpoints: str | None = Field(None, description="Where Ray Train keeps the checkpoints: `None` is `<root>/ray`; any `storage_path` Ray accepts (s3://, gs://, a shared path).")
+
+    @field_validator("root")
+    @classmethod
+    def _local_root(cls, v: str) -> str:
+        if "://" in v:
+            raise ValueError(f"must be a path mounted at the same place on every node; put an object-store URI in storage.checkpoints, got {v!r}")
+        return v
 
 
 class ValidationConfig(_Section):
+    """The fixed-noise validation loss (fixed images, σ values and noise), comparable across runs."""
+
     every: int | None = Field(None, ge=1, description="Fixed-noise validation loss every N steps; `None` follows `sample.every` (or `save.every` if previews are off).")
     images: int = Field(4, ge=1, description="Training images held fixed for the validation loss.")
     sigmas: list[float] = Field([0.1, 0.3, 0.5, 0.7, 0.9], min_length=1, description="Fixed σ values of the validation loss.")
@@ -387,3 +430,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Jo
 def dump_config(cfg: JobConfig) -> str:
     """The resolved config as YAML (what a job actually ran with)."""
     return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=False), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """docs/config.md: every key, its type, default and doc, straight from the model tree."""
+    lines = ["# Job config reference", "",
+             "Generated from `fluxray/config.py` by `fluxray config --reference`; a test keeps it in sync.",
+             "Set any key in a YAML file or with `--set dotted.key=value` (values are YAML).", ""]
+    for section, field in JobConfig.model_fields.items():
+        model = field.annotation
+        lines += [f"## `{section}`", "", (model.__doc__ or "").strip(), "",
+                  "| key | default | what it does |", "|---|---|---|"]
+        for name, f in model.model_fields.items():
+            default = f.default_factory() if f.default_factory else f.default
+            shown = json_default(default)
+            lines.append(f"| `{section}.{name}` | `{shown}` | {f.description or ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def json_default(value: Any) -> str:
+    import json
+
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -106,3 +106,10 @@ def test_yaml_is_safe_loaded(tmp_path):
     path.write_text("train: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_docs_config_reference_is_in_sync():
+    from fluxray.config import reference_markdown
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
+    assert doc == reference_markdown(), "regenerate: fluxray config --reference > docs/config.md"
