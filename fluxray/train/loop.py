@@ -341,6 +341,7 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
             tracker.log_lora(final_path)
             tracker.status(state="finished", step=done, lora=str(final_path))
         print(f"LoRA written to {final_path}", flush=True)
+        print(watch.result.message, flush=True)  # "likely converged at step N; best checkpoint: ..."
     return summary
 
 
