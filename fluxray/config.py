@@ -412,18 +412,21 @@ def build_config(data: dict[str, Any], overrides: list[str] = (), source: str = 
         raise ConfigError(_format_errors(e, source)) from None
 
 
+def read_yaml_file(path: str | Path, kind: str = "config") -> dict[str, Any]:
+    """A YAML file that must be a mapping (a job config, an ai-toolkit config); errors name the file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{kind} file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {kind} {p}: {e}") from None
+    return parse_yaml_text(text, str(p))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
     """Load a YAML job config (or the defaults when `path` is None) with `--set` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {p}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read config {p}: {e}") from None
-        data = parse_yaml_text(text, str(p))
+    data = read_yaml_file(path) if path is not None else {}
     return build_config(data, overrides, str(path) if path else "")
 
 

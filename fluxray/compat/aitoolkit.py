@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import yaml
 
-from fluxray.config import JobConfig, build_config, parse_yaml_text
+from fluxray.config import JobConfig, build_config, read_yaml_file
 from fluxray.errors import ConfigError
 
 _DTYPES = {"float16": "fp16", "fp16": "fp16", "half": "fp16", "bfloat16": "bf16", "bf16": "bf16",
@@ -100,14 +100,7 @@ class _Importer:
 
 def import_aitoolkit(path: str | Path) -> ImportReport:
     """Read an ai-toolkit YAML file and convert it; see `convert_aitoolkit`."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"ai-toolkit config not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read ai-toolkit config {p}: {e}") from None
-    return convert_aitoolkit(parse_yaml_text(text, str(p)), str(p))
+    return convert_aitoolkit(read_yaml_file(path, "ai-toolkit config"), str(path))
 
 
 def convert_aitoolkit(doc: dict[str, Any], source: str = "ai-toolkit config") -> ImportReport:
