@@ -1,0 +1,312 @@
+"""The Serve application: a FastAPI ingress (datasets, jobs, LoRAs, generate, the web page) and
+the generation deployment behind it.
+
+    fluxray serve --config configs/tiny.yaml          # or: serve run configs/serve.yaml
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Literal
+
+import yaml
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+
+from fluxray.advise.rules import advise as advise_config
+from fluxray.config import JobConfig, load_config
+from fluxray.data.captions import TRIGGER_PLACEHOLDER
+from fluxray.data.prepare import PrepareError, read_prepared
+from fluxray.errors import ConfigError, DatasetError, FluxrayError
+from fluxray.model.lora import read_lora_metadata
+from fluxray.serve.generation import Generator
+from fluxray.serve.jobs import ClusterUnavailable, JobNotFound, JobService, job_config, simple_defaults
+from fluxray.serve.loras import LoraNotFound, list_loras, lora_path
+from fluxray.serve.uploads import Limits, UploadError, dataset_dir, save_upload
+
+STATIC = Path(__file__).resolve().parent / "static"
+_API = "/v1/"
+
+
+class ServiceConfig(BaseModel):
+    """How the service runs: the Serve app's `args` (configs/serve.yaml) and `fluxray serve` flags."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: str | None = Field(None, description="Base job config YAML: the defaults of every job and of generation.")
+    overrides: list[str] = Field([], description="`dotted.key=value` overrides of the base config.")
+    api_token: str | None = Field(None, description="Bearer token required on /v1/*; None takes $FLUXRAY_API_TOKEN; neither means no auth.")
+    max_upload_files: int = Field(500, ge=1, description="Files per dataset upload (images, or entries of the zip).")
+    max_upload_mb: int = Field(512, ge=1, description="Bytes per dataset upload, uncompressed, in MiB.")
+    ray_address: str | None = Field(None, description="Ray dashboard address jobs are submitted to; None: the cluster the service runs on.")
+    mlflow_ui: str | None = Field(None, description="Base URL of an MLflow UI over the tracking store, for run links (an http tracking URI links by itself).")
+    max_loras: int = Field(4, ge=1, description="LoRAs kept loaded per generation replica (least recently used go first).")
+    generation_replicas: int = Field(1, ge=1, description="Replicas of the generation deployment.")
+    generation_gpus: float | Literal["auto"] = Field("auto", description="GPUs per generation replica; `auto` is 1 when the cluster has GPUs.")
+    generation_queue: int = Field(8, ge=1, description="Generate requests queued per caller before the API answers 503.")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb << 20
+
+
+def resolve_base_config(settings: ServiceConfig) -> JobConfig:
+    """The base job config with an absolute storage root (replicas and jobs run elsewhere).
+
+    A relative `config` is looked up from the working directory, then from the source checkout,
+    so `configs/tiny.yaml` works for `serve run` and `serve deploy` from the repo.
+    """
+    path = settings.config
+    if path and not Path(path).is_absolute() and not Path(path).exists():
+        checkout = Path(__file__).resolve().parents[2] / path
+        path = str(checkout) if checkout.exists() else path
+    cfg = load_config(path, settings.overrides)
+    data = cfg.model_dump(mode="json")
+    data["storage"]["root"] = str(cfg.storage_root)
+    return JobConfig.model_validate(data)
+
+
+# ---------------------------------------------------------------------------------------
+# Request bodies
+# ---------------------------------------------------------------------------------------
+
+class JobRequest(BaseModel):
+    """A training job: a dataset plus simple settings, or one whole YAML config (expert mode)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str = Field(..., description="From POST /v1/datasets.")
+    steps: int | None = Field(None, description="train.steps")
+    learning_rate: float | None = Field(None, description="train.lr")
+    rank: int | None = Field(None, description="lora.rank")
+    batch_size: int | None = Field(None, description="train.batch_size")
+    ema: bool | None = Field(None, description="train.ema")
+    sample_every: int | None = Field(None, description="sample.every")
+    sample_prompts: list[str] | None = Field(None, description="sample.prompts; `[trigger]` becomes the trigger word.")
+    config_yaml: str | None = Field(None, description="Expert mode: a whole job config; dataset, storage and run name are set by the service.")
+
+    def job_config(self, base: JobConfig) -> JobConfig:
+        simple = self.model_dump(exclude={"dataset_id", "config_yaml"}, exclude_none=True)
+        if self.config_yaml is not None and simple:
+            raise ConfigError(f"give either simple settings or config_yaml, not both (got {', '.join(simple)})")
+        return job_config(base, simple, self.config_yaml)
+
+
+class AdviseRequest(JobRequest):
+    """The settings of a job to be, with or without its dataset yet."""
+
+    dataset_id: str | None = Field(None, description="From POST /v1/datasets; without it the advice cannot count images.")
+
+
+class GenerateRequest(BaseModel):
+    """One image; unset sampling settings take the base config's `sample` values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, max_length=4000, description="`[trigger]` becomes the LoRA's trigger word.")
+    lora: str | None = Field(None, description="A LoRA id from GET /v1/loras, `<job>@<step>` for a step's LoRA, or null.")
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    steps: int | None = Field(None, ge=1, le=100)
+    guidance: float | None = Field(None, ge=0, le=30)
+    width: int | None = Field(None, ge=64, le=2048, multiple_of=16)
+    height: int | None = Field(None, ge=64, le=2048, multiple_of=16)
+    lora_scale: float = Field(1.0, ge=-4, le=4)
+
+
+# ---------------------------------------------------------------------------------------
+# The FastAPI app
+# ---------------------------------------------------------------------------------------
+
+Render = Callable[[str | None, dict], Awaitable[bytes]]
+
+
+def make_api(base: JobConfig, settings: ServiceConfig, render: Render) -> FastAPI:
+    """The HTTP API over the storage root of `base`; `render(lora_id, params)` makes a PNG."""
+    root, token = base.storage_root, settings.api_token
+    jobs = JobService(root, settings.ray_address, settings.mlflow_ui)
+    limits = Limits(settings.max_upload_files, settings.max_upload_bytes)
+    app = FastAPI(title="fluxray", version="1", description="Train FLUX.1 LoRAs on Ray and generate with them.")
+
+    # -- access and size bounds, before a body is read ------------------------------------
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        path = request.scope["path"].removeprefix(request.scope.get("root_path", ""))
+        if path.startswith(_API):
+            if token and not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {token}"):
+                return JSONResponse({"detail": "missing or wrong bearer token"}, 401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+            if path == "/v1/datasets" and request.method == "POST":
+                size = request.headers.get("content-length", "")
+                if not size.isdigit():
+                    return JSONResponse({"detail": "uploads need a Content-Length"}, 411)
+                if int(size) > limits.max_bytes + (1 << 20):  # multipart framing on top of the files
+                    return JSONResponse({"detail": f"upload of {size} bytes is over the limit of "
+                                                   f"{settings.max_upload_mb} MiB"}, 413)
+        return await call_next(request)
+
+    # -- errors: the message names the file, key or value -----------------------------------
+    def error(status: int):
+        return lambda request, e: JSONResponse({"detail": str(e)}, status)
+
+    app.add_exception_handler(UploadError, lambda request, e: JSONResponse({"detail": str(e)}, e.status))
+    app.add_exception_handler(PrepareError, lambda request, e: JSONResponse(
+        {"detail": str(e), "report": e.report.model_dump(mode="json")}, 422))
+    for exc, status in ((JobNotFound, 404), (LoraNotFound, 404), (ClusterUnavailable, 503), (ConfigError, 422),
+                        (DatasetError, 422), (FluxrayError, 400)):
+        app.add_exception_handler(exc, error(status))
+
+    def sample_url(request: Request) -> str:
+        return f"{request.scope.get('root_path', '')}/v1/jobs/"
+
+    # -- page -------------------------------------------------------------------------------
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/healthz", tags=["service"])
+    def healthz() -> dict:
+        return {"ok": True}
+
+    @app.get("/v1/defaults", tags=["service"])
+    def defaults() -> dict:
+        """The base config's simple settings and sampling values (what the page prefills), its YAML
+        for expert mode (without the keys the service sets per job), and the upload limits."""
+        expert = base.model_dump(mode="json")
+        expert.pop("storage")
+        expert["dataset"].pop("path")
+        expert["save"].pop("name")
+        s = base.sample
+        return {"simple": simple_defaults(base),
+                "generate": {"seed": s.seed, "steps": s.steps, "guidance": s.guidance, "width": s.width,
+                             "height": s.height, "lora_scale": 1.0},
+                "config_yaml": yaml.safe_dump(expert, sort_keys=False),
+                "model": base.model.path,
+                "limits": {"max_upload_files": limits.max_files, "max_upload_mb": settings.max_upload_mb}}
+
+    # -- datasets ---------------------------------------------------------------------------
+    @app.post("/v1/datasets", tags=["datasets"])
+    def create_dataset(images: list[UploadFile] = File(..., description="Images, or one zip of images (and captions)."),
+                       trigger_word: str = Form(..., description="One token, e.g. pxco."),
+                       captions: UploadFile | None = File(None, description="Captions JSON {file: caption}, JSON list or metadata.jsonl.")) -> dict:
+        """Upload and prepare a dataset; returns its id and the prepare report."""
+        dataset_id, report = save_upload(root, [(f.filename, f.file) for f in images],
+                                         (captions.filename, captions.file) if captions else None,
+                                         trigger_word, limits)
+        return {"dataset_id": dataset_id, "report": report.model_dump(mode="json")}
+
+    # -- jobs -------------------------------------------------------------------------------
+    @app.post("/v1/jobs", tags=["jobs"])
+    def create_job(req: JobRequest) -> dict:
+        """Submit a training job (a Ray Job running jobs/train.py); returns its id."""
+        folder = dataset_dir(root, req.dataset_id)
+        rec = jobs.submit(req.job_config(base), req.dataset_id, folder, read_prepared(folder).info.trigger_word)
+        return {"job_id": rec.job_id}
+
+    @app.post("/v1/advise", tags=["jobs"])
+    def advise(req: AdviseRequest) -> list[dict]:
+        """What the user's guide would change in these settings (never blocks a job)."""
+        cfg = req.job_config(base)
+        cfg.dataset.path = str(dataset_dir(root, req.dataset_id)) if req.dataset_id else None
+        return [a.model_dump() for a in advise_config(cfg)]
+
+    @app.get("/v1/jobs", tags=["jobs"])
+    def list_jobs(request: Request) -> list[dict]:
+        """Every job this service submitted, newest first, with status and progress."""
+        return jobs.list(sample_url(request))
+
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"])
+    def get_job(job_id: str, request: Request) -> dict:
+        """Status, step and total, ETA, loss history, samples by step, LoRAs and the MLflow run."""
+        return jobs.get(job_id, sample_url(request))
+
+    @app.post("/v1/jobs/{job_id}/stop", tags=["jobs"])
+    def stop_job(job_id: str, request: Request) -> dict:
+        jobs.stop(job_id)
+        return jobs.get(job_id, sample_url(request))
+
+    @app.get("/v1/jobs/{job_id}/logs", tags=["jobs"], response_class=PlainTextResponse)
+    def job_logs(job_id: str, tail: int | None = Query(None, ge=1)) -> str:
+        """The Ray job's driver log (the last `tail` lines if given)."""
+        text = jobs.logs(job_id)
+        return "\n".join(text.splitlines()[-tail:]) if tail else text
+
+    @app.get("/v1/jobs/{job_id}/samples/{name}", tags=["jobs"], response_class=FileResponse)
+    def job_sample(job_id: str, name: str):
+        return FileResponse(jobs.sample_file(job_id, name), media_type="image/png")
+
+    # -- LoRAs and generation -----------------------------------------------------------------
+    @app.get("/v1/loras", tags=["generate"])
+    def loras() -> list[dict]:
+        """Each trained LoRA with its trigger word and its job (from the safetensors headers)."""
+        return list_loras(root)
+
+    @app.post("/v1/generate", tags=["generate"], response_class=Response,
+              responses={200: {"content": {"image/png": {}}}})
+    async def generate(req: GenerateRequest) -> Response:
+        """A PNG from the base model, or with a LoRA (`<job>` or `<job>@<step>`) at `lora_scale`."""
+        prompt = req.prompt
+        if req.lora:
+            meta = read_lora_metadata(lora_path(root, req.lora))
+            trained_on = meta.get("base_model")
+            if trained_on and trained_on != base.model.path:
+                raise ConfigError(f"lora: {req.lora!r} was trained on {trained_on!r}; this service generates "
+                                  f"with {base.model.path!r}")
+            if meta.get("trigger_word"):
+                prompt = prompt.replace(TRIGGER_PLACEHOLDER, meta["trigger_word"])
+        s = base.sample
+        params = {"prompt": prompt, "seed": s.seed if req.seed is None else req.seed,
+                  "steps": req.steps or s.steps, "guidance": s.guidance if req.guidance is None else req.guidance,
+                  "width": req.width or s.width, "height": req.height or s.height, "lora_scale": req.lora_scale}
+        return Response(await render(req.lora, params), media_type="image/png")
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------
+# Serve deployments
+# ---------------------------------------------------------------------------------------
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32, max_queued_requests=64)
+@serve.ingress()
+class Api:
+    """The ingress: the FastAPI app, with the generation deployment behind `render`."""
+
+    def __init__(self, base_config: dict, settings: dict, generator):
+        self.base = JobConfig.model_validate(base_config)
+        self.settings = ServiceConfig.model_validate(settings)
+        self.generator = generator
+
+    async def render(self, lora_id: str | None, params: dict) -> bytes:
+        return await self.generator.options(multiplexed_model_id=lora_id or "").render.remote(params)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return make_api(self.base, self.settings, self.render)
+
+
+def build_app(args: dict[str, Any] | None = None):
+    """The Serve application builder (`import_path: fluxray.serve.app:build_app`, `args:` = ServiceConfig)."""
+    try:
+        settings = ServiceConfig.model_validate(args or {})
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ConfigError(f"serve args: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    base = resolve_base_config(settings)
+    gpus = settings.generation_gpus
+    if gpus == "auto":
+        import ray
+
+        gpus = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    generator = Generator.options(
+        num_replicas=settings.generation_replicas, max_queued_requests=settings.generation_queue,
+        ray_actor_options={"num_cpus": 1, "num_gpus": gpus},
+    ).bind(base.model_dump(mode="json"), settings.max_loras)
+    # Read here, where `serve run` / `fluxray serve` runs: replicas need not share its environment.
+    settings.api_token = settings.api_token or os.environ.get("FLUXRAY_API_TOKEN") or None
+    return Api.bind(base.model_dump(mode="json"), settings.model_dump(mode="json"), generator)

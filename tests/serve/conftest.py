@@ -1,0 +1,90 @@
+"""Serve fixtures: Ray Serve on the session's cluster (HTTP proxy on 127.0.0.1, a free port),
+and `deploy_service(**args)` that runs the fluxray app there with the tiny model."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+APP = "fluxray"
+
+
+@dataclass
+class Service:
+    url: str
+    root: Path
+    given: dict  # what the test passed to deploy_service, to redeploy with a change
+    token: str | None = None
+
+    def client(self, **kw) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120, **kw)
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_cluster):
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster.address, log_to_driver=False, configure_logging=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def deploy_service(serve_url, tiny_model):
+    """`deploy_service(root, **args)` -> Service: (re)deploys the app on the tiny config and waits
+    until it answers; the module that deployed it calls `serve.delete` when done."""
+    from ray import serve
+
+    from fluxray.serve.app import build_app
+
+    def deploy(root: Path, overrides: tuple[str, ...] = (), **given) -> Service:
+        # The session's tiny model (built once) and a per-module storage root; one Ray Train
+        # worker, as 2 cores gain nothing from two.
+        args = {"config": str(REPO / "configs" / "tiny.yaml"),
+                "overrides": [f"storage.root={root}", f"model.path={tiny_model}", "distributed.workers=1",
+                              *overrides],
+                **given}
+        serve.run(build_app(args), name=APP, route_prefix="/")
+        svc = Service(serve_url, Path(root), {"overrides": overrides, **given}, given.get("api_token"))
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{serve_url}/healthz", timeout=5).status_code == 200:
+                    return svc
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("the fluxray Serve app did not come up")
+            time.sleep(0.5)
+
+    yield deploy
+
+
+def wait_for(predicate, timeout: float, every: float = 1.0, what: str = "condition"):
+    """Poll `predicate()` until it returns a truthy value; returns it."""
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+@pytest.fixture(scope="session")
+def wait():
+    return wait_for
