@@ -71,6 +71,19 @@ def test_upload_train_watch_and_generate_from_the_page(service, page):
     expect(page.locator("#result")).to_be_visible(timeout=60_000)
     page.wait_for_function("document.querySelector('#result-img').naturalWidth === 64")
     expect(page.locator("#result-caption")).to_contain_text(job)
+    # The form was prefilled with the job's preview settings: the image is the step-6 preview.
+    same = page.evaluate("""() => {
+        const pixels = (img) => {
+            const c = document.createElement("canvas");
+            c.width = img.naturalWidth; c.height = img.naturalHeight;
+            const g = c.getContext("2d"); g.drawImage(img, 0, 0);
+            return Array.from(g.getImageData(0, 0, c.width, c.height).data);
+        };
+        const a = pixels(document.querySelector('#gallery [data-step="6"] img'));
+        const b = pixels(document.querySelector("#result-img"));
+        return a.length === 64 * 64 * 4 && a.every((v, i) => v === b[i]);
+    }""")
+    assert same
     page.screenshot(path=str(ARTIFACTS / "3-generate.png"), full_page=True)
     assert page.locator("#error").is_hidden()
     assert not page.errors
