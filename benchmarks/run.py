@@ -121,16 +121,22 @@ def bench_caches(ctx) -> dict:
 
 
 def bench_zero_memory(ctx) -> dict:
+    """Transformer elements each of 2 workers holds: ZeRO-3 counted from DeepSpeed's partitions."""
+    from diffusers import FluxTransformer2DModel
+
     from fluxray.train.job import run_job
 
-    out = {}
-    for stage in (0, 3):
-        name = f"bench-c-zero{stage}"
-        cfg = _cfg(ctx.root, ctx.small_model, ctx.dataset, name, "train.steps=4", "sample.every=0",
-                   "save.every=4", "validation.every=4", "distributed.workers=2", f"distributed.zero_stage={stage}")
-        summary = run_job(cfg, local=False)
-        ranks = summary.get("ranks") or []
-        out[f"zero{stage}"] = ranks
+    total = sum(p.numel() for p in FluxTransformer2DModel.from_pretrained(ctx.small_model,
+                                                                         subfolder="transformer").parameters())
+    out = {"transformer_params": total, "zero0_per_worker": [total, total]}  # stage 0 replicates the base
+    cfg = _cfg(ctx.root, ctx.small_model, ctx.dataset, "bench-c-zero3", "train.steps=4", "sample.every=0",
+               "save.every=4", "validation.every=4", "distributed.workers=2", "distributed.zero_stage=3",
+               f"dataset.resolutions=[{ctx.res}]")
+    shards = run_job(cfg, local=False)["zero3_shards"]
+    # Each rank's shards; small tensors (norms, biases, the LoRA) are also kept whole ("persistent").
+    out.update(zero3_partition_per_worker=[s["partition"] for s in shards],
+               zero3_persistent_per_worker=[s["persistent"] for s in shards],
+               zero3_fraction=[s["partition"] / total for s in shards])
     return out
 
 
