@@ -268,6 +268,8 @@ def _list_upload(src: Path, problem) -> list[Path]:
             continue
         if p.is_dir():
             problem(p.name, "unsupported_file", f"{p.name}/: a folder; only images at the top level are used")
+        elif not p.is_file():  # opening a named pipe would block the prepare forever
+            problem(p.name, "unsupported_file", f"{p.name}: not a regular file (a pipe, device or broken link); not used")
         elif p.suffix.lower() in IMAGE_SUFFIXES:
             images.append(p)
         elif p.suffix.lower() not in _CAPTION_SUFFIXES:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -50,7 +51,9 @@ def resolve_job(cfg: JobConfig) -> JobConfig:
     if "dataset" not in update:
         update["dataset"] = {**cfg.dataset.model_dump(), "path": str(src.resolve()), "trigger_word": trigger}
     if not cfg.save.name:
-        update["save"] = {**cfg.save.model_dump(), "name": f"{trigger}-{time.strftime('%Y%m%d-%H%M%S')}"}
+        # A trigger may hold what a file name must not ('/', a leading '.'): keep its word characters.
+        stem = re.sub(r"[^\w-]+", "_", trigger).strip("_")[:64] or "run"
+        update["save"] = {**cfg.save.model_dump(), "name": f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"}
     # Build the embedded tiny model here, once, before any worker looks for it (transformers
     # skips writing weights from a process that is not rank 0 of a process group).
     from fluxray.model.pipeline import resolve_model_path

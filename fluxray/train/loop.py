@@ -7,13 +7,16 @@ world size, the checkpoint to resume from and how to report a checkpoint.
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,6 +27,7 @@ from fluxray.advise.convergence import ConvergenceWatch
 from fluxray.config import JobConfig
 from fluxray.data.buckets import check_fits, make_items, rank_batch
 from fluxray.data.cache import CacheStore, build_caches, model_key
+from fluxray.errors import FluxrayError
 from fluxray.model.generate import generate, image_grid
 from fluxray.model.kohya import kohya_path, save_kohya
 from fluxray.model.lora import (add_lora, export_state_dict, lora_metadata, lora_named_params,
@@ -207,7 +211,7 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
     # -- resume ---------------------------------------------------------------------------
     start = 0
     if ctx.resume_dir is not None:
-        start, ema = _load_checkpoint(engine, ctx.resume_dir, lora_params, ema, stage, world)
+        start, ema = _load_checkpoint(engine, ctx.resume_dir, lora_params, names, ema, stage, world)
         if is_main:
             print(f"resumed from {ctx.resume_dir} at step {start}", flush=True)
 
@@ -311,9 +315,11 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
         tensors = None
         if done % cfg.save.every == 0 or final:
             tensors = file_tensors()
-            save_file(done, tensors)
-            _save_checkpoint(engine, ctx, done, lora_params, ema, stage, world, names, is_main,
-                             {"loss": last_loss, "step": done})
+            with _saving(paths.step_lora(done), cfg.storage_root, done):
+                save_file(done, tensors)
+            with _saving(ctx.checkpoint_dir(done), cfg.storage_root, done):
+                _save_checkpoint(engine, ctx, done, lora_params, ema, stage, world, names, is_main,
+                                 {"loss": last_loss, "step": done})
         if cfg.sample.every and (done % cfg.sample.every == 0 or final):
             sample_seconds += previews(done, tensors if tensors is not None else file_tensors())
         if is_main and tracker and (final or time.time() - last_status > 1.0):  # a file write, not every step
@@ -417,12 +423,40 @@ def _save_checkpoint(engine, ctx: WorkerContext, step, lora_params, ema, stage, 
     ctx.report(metrics, ckpt)
 
 
-def _load_checkpoint(engine, ckpt: Path, lora_params, ema, stage, world):
+@contextmanager
+def _saving(path: Path, root: Path, step: int):
+    """A failed save leaves no half-written checkpoint, and a full disk fails the job with one clear
+    error; the previous checkpoint is untouched, so the job resumes from it once there is space."""
+    try:
+        yield
+    except Exception as e:
+        full = _no_space_left(e, path)  # before the cleanup frees space
+        if path.is_dir() and not (path / STATE_FILE).exists():
+            shutil.rmtree(path, ignore_errors=True)  # never resumed from (no state file), but holds space
+        if full:
+            raise FluxrayError(f"{path}: No space left on device (ENOSPC) while saving step {step} under "
+                               f"storage.root {root}; the previous checkpoint is intact: free space and run "
+                               "the job again to resume from it") from e
+        raise
+
+
+def _no_space_left(e: BaseException, path: Path) -> bool:
+    # torch.save reports a full disk as "unexpected pos N vs M", safetensors as "os error 28":
+    # trust errno or the words where there are any, else ask the disk.
+    for err in (e, e.__cause__, e.__context__):
+        if err is not None and (getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+                                or "No space left" in str(err) or "os error 28" in str(err)):
+            return True
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    return existing is not None and shutil.disk_usage(existing).free < 1 << 20
+
+
+def _load_checkpoint(engine, ckpt: Path, lora_params, names, ema, stage, world):
     from safetensors.torch import load_file
 
     state = json.loads((ckpt / STATE_FILE).read_text())
+    # By `names` (the order of `lora_params`): safetensors hands the keys back sorted.
     tensors = load_file(str(ckpt / LORA_STATE_FILE))
-    names = [k[len("lora/"):] for k in tensors if k.startswith("lora/")]
     if state["world_size"] == world and state["zero_stage"] == stage:
         engine.load_checkpoint(str(ckpt), tag="ds", load_module_strict=False)
     else:

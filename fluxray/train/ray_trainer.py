@@ -96,6 +96,9 @@ def _worker_main(config: dict) -> None:
         # One report per save, on every rank: Ray merges the ranks' files into one checkpoint.
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path)),
                          checkpoint_dir_name=f"checkpoint-step{metrics['step']:06d}")
+        # Wait until the controller has recorded it (it polls every ~2 s): a driver killed after
+        # this line resumes from this save, not from the one before.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         shutil.rmtree(path, ignore_errors=True)
 
     tracker = make_tracker(cfg, config.get("mlflow_run_id")) if rank == 0 else None
