@@ -85,12 +85,16 @@ def ray_cluster(tmp_path_factory):
     # Ray 2.60 protects a cluster's dashboard and job API with a token (~/.ray/auth_token);
     # clients send it when RAY_AUTH_MODE=token, so set it for the cluster and this process.
     os.environ["RAY_AUTH_MODE"] = "token"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # The venv's bin first on PATH, as when a user activates it before `ray start`: a job's
+    # `python jobs/train.py` entrypoint then runs the interpreter that has fluxray installed.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     temp = Path("/tmp") / f"rt{os.getpid()}"  # Ray's socket paths must stay short
     cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
            "--node-ip-address=127.0.0.1",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
-           f"--temp-dir={temp}", "--include-dashboard=true"]
+           f"--temp-dir={temp}", "--include-dashboard=true",
+           # Its own agent port: the default (52365) is taken when another cluster runs on the machine.
+           f"--dashboard-agent-listen-port={_free_port()}"]
     log = open(tmp_path_factory.mktemp("ray-log") / "ray-start.log", "w")
     # Its own process group, so teardown stops this cluster only (`ray stop` would stop them all).
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -112,7 +116,11 @@ def ray_cluster(tmp_path_factory):
                 raise RuntimeError(f"ray start --head failed; see {log.name}")
             time.sleep(1)
     os.environ["RAY_ADDRESS"] = address
-    _wait_for_job_agent(info.dashboard_url, deadline)
+    try:
+        _wait_for_job_agent(info.dashboard_url, deadline)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)  # a cluster that never came up is not left running
+        raise
     yield info
     import ray
 

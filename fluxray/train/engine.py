@@ -56,12 +56,13 @@ def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
     raise ValueError(f"unknown lr_scheduler {schedule!r}")
 
 
-def deepspeed_config(cfg: JobConfig, world_size: int, stage: int, bf16: bool) -> dict:
-    """The DeepSpeed JSON config for this job."""
+def deepspeed_config(cfg: JobConfig, world_size: int, stage: int, bf16: bool, lora_numel: int = 0) -> dict:
+    """The DeepSpeed JSON config for this job; `lora_numel` is the largest LoRA tensor's size."""
     zero: dict = {"stage": stage}
     if stage == 3:
-        # Keep LoRA-sized tensors whole on every rank; only the big frozen base is sharded.
-        zero.update({"stage3_param_persistence_threshold": 1_000_000, "contiguous_gradients": True,
+        # Keep LoRA-sized tensors (and the base's biases and norms) whole on every rank, so
+        # the step never gathers them; every larger frozen base weight is sharded.
+        zero.update({"stage3_param_persistence_threshold": lora_numel, "contiguous_gradients": True,
                      "stage3_gather_16bit_weights_on_model_save": False})
     return {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
@@ -117,8 +118,22 @@ def init_engine(transformer: torch.nn.Module, lora_params: list[torch.nn.Paramet
         optimizer, lambda s: lr_factor(s, cfg.train.steps, cfg.train.lr_scheduler, cfg.train.warmup_steps))
     engine, optimizer, _, schedule = deepspeed.initialize(
         model=transformer, optimizer=optimizer, lr_scheduler=schedule,
-        config=deepspeed_config(cfg, world_size, stage, bf16))
+        config=deepspeed_config(cfg, world_size, stage, bf16, max(p.numel() for p in lora_params)))
     return engine, optimizer, schedule
+
+
+def partition_numel(module: torch.nn.Module) -> dict[str, int]:
+    """This rank's share of the module's parameters under ZeRO-3, counted from DeepSpeed's state.
+
+    `partition`: elements in this rank's shards (`ds_tensor`); `persistent`: elements of the small
+    tensors that every rank also keeps whole between steps; `total`: the model's elements.
+    """
+    partition = persistent = total = 0
+    for p in module.parameters():
+        total += p.ds_numel
+        partition += p.ds_tensor.numel()
+        persistent += p.ds_numel if p.ds_persist else 0
+    return {"partition": partition, "persistent": persistent, "total": total}
 
 
 def gathered(params: list[torch.nn.Parameter], stage: int, modifier_rank: int | None = None):

@@ -34,7 +34,7 @@ from fluxray.model.lora import (add_lora, export_state_dict, lora_metadata, lora
                                 restore_lora_scale, save_lora, set_lora_scale)
 from fluxray.model.pipeline import is_guidance_distilled, load_pipeline, resolve_device, resolve_dtype, resolve_model_path
 from fluxray.track.flops import lora_step_flops, peak_flops
-from fluxray.train.engine import activation_estimate, choose_zero_stage, gathered, init_engine
+from fluxray.train.engine import activation_estimate, choose_zero_stage, gathered, init_engine, partition_numel
 from fluxray.train.flow import ema_decay_at, ema_update
 from fluxray.train.step import StepSpec, training_loss, validation_cases, validation_loss_sum
 
@@ -205,6 +205,10 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
         transformer = torch.compile(transformer)
     engine, optimizer, schedule = init_engine(transformer, lora_params, cfg, world, stage, bf16)
     module = engine.module
+    shards = None
+    if stage == 3:  # what each rank really holds of the transformer, from DeepSpeed's partitions
+        shards = [None] * world
+        torch.distributed.all_gather_object(shards, partition_numel(module))
     with gathered(lora_params, stage):
         ema = [p.detach().float().clone() for p in lora_params] if cfg.train.ema else None
 
@@ -263,7 +267,7 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
 
     if is_main and tracker:
         tracker.status(state="running", step=start, total=cfg.train.steps, zero_stage=stage,
-                       cache_seconds=cache_seconds, cache=caches.stats.__dict__)
+                       zero3_shards=shards, cache_seconds=cache_seconds, cache=caches.stats.__dict__)
     sample_seconds = 0.0
     if start == 0:
         validate(0)
@@ -330,7 +334,9 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
             break
     progress.close()
 
-    summary = {"steps": done, "convergence": watch.summary(), "loss": last_loss, "zero_stage": stage, "sample_seconds": sample_seconds,
+    summary = {"steps": done, "convergence": watch.summary(), "start_step": start, "loss": last_loss, "zero_stage": stage,
+               "zero3_shards": shards,
+               "sample_seconds": sample_seconds,
                "train_seconds": train_seconds, "cache": caches.stats.__dict__, "encoders_loaded": encoders_loaded}
     if is_main:
         final_path = paths.final_lora
@@ -363,7 +369,6 @@ def sample_previews(pipe, module, lora_params, tensors, names, prompts, texts, r
     """
     module.eval()
     mine = list(range(rank, len(prompts), world))
-    rounds = math.ceil(len(prompts) / world)
     saved = None
     with gathered(lora_params, stage, modifier_rank=0):
         if tensors is not None:
@@ -374,15 +379,22 @@ def sample_previews(pipe, module, lora_params, tensors, names, prompts, texts, r
     pipe.vae.to(next(module.parameters()).device)
     if tensors is None:
         module.disable_adapters()
-    for r in range(rounds):
-        k = mine[r] if r < len(mine) else None
-        p = prompts[k if k is not None else 0]  # ZeRO-3: a spare rank renders a throw-away copy
+    spare = 0
+    if stage == 3:
+        # ZeRO-3 gathers the base weights inside every forward, all ranks together: this rank pads
+        # its forwards (one per sampling step) up to the busiest rank's with a throw-away render.
+        steps = torch.tensor([sum(prompts[k].steps for k in mine)], device=next(module.parameters()).device)
+        torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)
+        spare = int(steps) - sum(prompts[k].steps for k in mine)
+    for k in mine:
+        p = prompts[k]
         old = set_lora_scale(module, p.lora_scale)
-        img = generate(pipe, texts[p.prompt], seed=p.seed, width=p.width, height=p.height, steps=p.steps,
-                       guidance=p.guidance)
+        results[k] = generate(pipe, texts[p.prompt], seed=p.seed, width=p.width, height=p.height, steps=p.steps,
+                              guidance=p.guidance)
         restore_lora_scale(module, old)
-        if k is not None:
-            results[k] = img
+    if spare:
+        p = prompts[0]
+        generate(pipe, texts[p.prompt], seed=p.seed, width=p.width, height=p.height, steps=spare, guidance=p.guidance)
     if tensors is None:
         module.enable_adapters()
     if pipe.vae.device.type == "cuda":

@@ -1,12 +1,13 @@
 """Ray Train layer: a TorchTrainer whose workers each run `train_worker` with DeepSpeed inside.
 
 The scaling, failure and checkpoint settings come from `distributed` and `save`. The run
-lives at `<storage>/ray/<name>`: fitting again with the same name resumes from its last
+lives at `<ray_storage>/<name>`: fitting again with the same name resumes from its last
 checkpoint (Ray Train restores it), which is how `--resume` and a resubmitted job work.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,7 +16,16 @@ from fluxray.config import JobConfig
 
 
 def ray_storage(cfg: JobConfig) -> str:
-    return str(cfg.storage_root / "ray")
+    """Ray Train's `storage_path`: `storage.checkpoints` (a shared path or s3://, gs://), else `<root>/ray`."""
+    return cfg.storage.checkpoints or str(cfg.storage_root / "ray")
+
+
+def worker_env() -> dict[str, str]:
+    """Driver environment that every worker gets: unbuffered prints (`ray job logs`), the MLflow
+    server, and the `FLUXRAY_*` switches (such as the `FLUXRAY_CRASH_AT` fault injection)."""
+    env = {"PYTHONUNBUFFERED": "1"}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("FLUXRAY_") or k == "MLFLOW_TRACKING_URI"})
+    return env
 
 
 def _connect() -> None:
@@ -57,7 +67,7 @@ def run_ray(cfg: JobConfig, run_id: str | None) -> dict:
             name=cfg.save.name, storage_path=ray_storage(cfg),
             failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.save.keep_last),
-            worker_runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}}),
+            worker_runtime_env={"env_vars": worker_env()}),
     )
     result = trainer.fit()
     summary_file = cfg.storage_root / "runs" / cfg.save.name / "summary.json"
