@@ -54,3 +54,12 @@ def test_workers_times_batch_beyond_the_data_fails_with_what_to_change():
     msg = str(err.value)
     assert "train.batch_size (2) x distributed.workers (10) = 20" in msg
     assert "largest bucket (18" in msg and "lower train.batch_size or distributed.workers" in msg
+
+
+def test_a_job_too_wide_for_its_dataset_fails_before_any_worker_starts(tiny_config):
+    from fluxray.train.job import run_job
+
+    cfg = tiny_config("distributed.workers=10", "train.batch_size=2")
+    with pytest.raises(ConfigError, match=r"distributed.workers \(10\) = 20 exceeds"):
+        run_job(cfg)
+    assert not (cfg.storage_root / "runs").exists()  # nothing recorded, no MLflow run, no Ray
