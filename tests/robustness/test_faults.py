@@ -41,8 +41,10 @@ def _same_tensors(a: Path, b: Path) -> bool:
 
 #: One validation forward, no previews: these runs are about saves, not learning.
 LEAN = ["sample.every=0", "validation.images=1", "validation.sigmas=[0.5]"]
-#: 8 steps, saved every 2; rank 0 dies at step 3 (one failure allowed), the driver once step 5 runs.
-JOB = [*LEAN, "train.steps=8", "save.every=2", "validation.every=8", "distributed.workers=2",
+#: Saved every 2 steps; rank 0 dies at step 3 (one failure allowed), the driver once step 5 runs,
+#: well before the end.
+STEPS = 12
+JOB = [*LEAN, f"train.steps={STEPS}", "save.every=2", f"validation.every={STEPS}", "distributed.workers=2",
        "distributed.max_failures=1", "save.name=faults"]
 
 
@@ -81,8 +83,8 @@ def killed_job(ray_cluster, tiny_model, prepared_sample, tmp_path_factory):
                                  submission_id=f"fluxray-faults-{uuid.uuid4().hex[:8]}")
 
     first = submit()
-    # "step 5/8" prints once step 4's save is reported by every rank and recorded by Ray Train.
-    _wait(client, first, lambda logs: "step 5/8 loss" in logs, "step 5")
+    # "step 5/N" prints once step 4's save is reported by every rank and recorded by Ray Train.
+    _wait(client, first, lambda logs: f"step 5/{STEPS} loss" in logs, "step 5")
     os.kill(int(client.get_job_info(first).driver_info.pid), signal.SIGKILL)
     deadline = time.time() + 60
     while not client.get_job_status(first).is_terminal():
@@ -110,8 +112,8 @@ def test_killed_rank0_worker_restarts_from_the_last_save(killed_job):
     assert "FLUXRAY_CRASH_AT: rank 0 exits at step 3" in logs, logs[-3000:]
     # Step 2 was saved: step 3 is the only one lost, and the restarted workers go on from there.
     after = logs.split("rank 0 exits at step 3", 1)[1]
-    assert re.search(r"resumed from \S+ at step 2\b", after) and "step 4/8 loss" in after, logs[-3000:]
-    assert json.loads((run / "summary.json").read_text())["steps"] == 8  # once resubmitted (below)
+    assert re.search(r"resumed from \S+ at step 2\b", after) and f"step 4/{STEPS} loss" in after, logs[-3000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == STEPS  # once resubmitted (below)
     dataset, before = killed_job["dataset"]
     assert snapshot(dataset) == before
 
@@ -124,13 +126,13 @@ def test_killed_driver_resubmitted_resumes_from_the_last_save(killed_job):
     status, first_logs = killed_job["first"]
     assert status.value in ("FAILED", "STOPPED"), status
     # A save is complete once the step after it ran: the resumed run may lose only later steps.
-    completed = max(s for s in (2, 4, 6) if f"step {s + 1}/8 loss" in first_logs)
+    completed = max(s for s in range(2, STEPS, 2) if f"step {s + 1}/{STEPS} loss" in first_logs)
     logs = killed_job["second"]
     resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", logs)]
     assert resumed and resumed[0] == killed_job["committed"] >= completed >= 4, (resumed, completed, logs[-3000:])
-    assert f"step {resumed[0]}/8 loss" not in logs and "step 8/8 loss" in logs, logs[-3000:]
+    assert f"step {resumed[0]}/{STEPS} loss" not in logs and f"step {STEPS}/{STEPS} loss" in logs, logs[-3000:]
     root = killed_job["root"]
-    assert read_lora_metadata(root / "loras" / "faults.safetensors")["steps"] == "8"
+    assert read_lora_metadata(root / "loras" / "faults.safetensors")["steps"] == str(STEPS)
     client = MlflowClient(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("fluxray").experiment_id],
                               filter_string="tags.`fluxray.run_name` = 'faults'")
