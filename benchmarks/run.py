@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray 2.60 clusters want their token (~/.ray/auth_token); Ray reads this once, at import.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def _cfg(root: Path, model: Path, dataset: Path, name: str, *overrides: str):
@@ -247,15 +249,16 @@ def _start_cluster(temp: Path) -> tuple[subprocess.Popen, str, str]:
             return s.getsockname()[1]
 
     port, dash = free(), free()
-    os.environ["RAY_AUTH_MODE"] = "token"
+    temp.mkdir(parents=True, exist_ok=True)
+    log = open(temp / "ray-start.log", "w")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                              f"--port={port}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
-                             f"--temp-dir={temp}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             f"--temp-dir={temp}", "--include-dashboard=true"], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     from ray.job_submission import JobSubmissionClient
 
-    deadline = time.time() + 180
+    deadline = time.time() + 300
     while True:
         try:
             client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
@@ -264,8 +267,8 @@ def _start_cluster(temp: Path) -> tuple[subprocess.Popen, str, str]:
                 time.sleep(0.5)
             break
         except Exception:
-            if time.time() > deadline:
-                raise
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"the benchmark's Ray cluster did not come up; see {log.name}") from None
             time.sleep(1)
     return proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
 
@@ -275,6 +278,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="reduced mode for CI: few steps, same code paths")
     ap.add_argument("--only", default="abcdef", help="which benchmarks to run, e.g. 'ab' or 'f'")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--address", help="use this running Ray cluster (GCS address) instead of starting one")
+    ap.add_argument("--dashboard", help="with --address: its dashboard URL (for `ray job submit`)")
     args = ap.parse_args()
 
     import signal
@@ -298,7 +303,10 @@ def main() -> int:
     need_cluster = any(k in args.only for k in "acd")
     proc = None
     try:
-        if need_cluster:
+        if need_cluster and args.address:
+            ctx.address, ctx.dashboard = args.address, args.dashboard
+            ray.init(address=ctx.address, log_to_driver=False, configure_logging=False)
+        elif need_cluster:
             proc, ctx.address, ctx.dashboard = _start_cluster(Path("/tmp") / f"rb{os.getpid()}")
             ray.init(address=ctx.address, log_to_driver=False, configure_logging=False)
         for key in args.only:
