@@ -162,13 +162,16 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
     caches = build_caches(pipe, store=store, images=images, items=items,
                           texts=captions + [""] + [p.prompt for p in prompts],
                           load_text_encoders=load_text_encoders, rank=rank, world_size=world,
+                          cache_latents=cfg.dataset.cache_latents, cache_texts=cfg.dataset.cache_text_embeddings,
                           barrier=torch.distributed.barrier if world > 1 else (lambda: None))
     cache_seconds = time.time() - t0
     # The step reads only the caches: drop the text encoders and the VAE encoder.
-    pipe.text_encoder = pipe.text_encoder_2 = None
-    pipe.vae.encoder = None
-    if device.type == "cuda":  # the decoder waits on the CPU until a preview needs it
-        pipe.vae.to("cpu")
+    if cfg.dataset.cache_text_embeddings:
+        pipe.text_encoder = pipe.text_encoder_2 = None
+    if cfg.dataset.cache_latents:
+        pipe.vae.encoder = None
+        if device.type == "cuda":  # the decoder waits on the CPU until a preview needs it
+            pipe.vae.to("cpu")
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -243,7 +246,7 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
             values = ema if ema is not None else [p.detach() for p in lora_params]
             return export_state_dict(dict(zip(names, values)), cfg.lora.scale, cfg.save.dtype)
 
-    def save_file(step: int, tensors) -> Path | None:
+    def save_file(step: int, tensors, preview_only: bool = False) -> Path | None:
         if not is_main:
             return None
         meta = lora_metadata(trigger_word=trigger, base_model=cfg.model.path, rank=cfg.lora.rank,
@@ -251,10 +254,10 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
                              resolution=cfg.dataset.resolutions, name=paths.name,
                              extra={"ema": cfg.train.ema, "dataset_hash": dataset.info.content_hash})
         path = save_lora(paths.step_lora(step), tensors, meta)
-        if cfg.save.kohya:
+        if cfg.save.kohya and not preview_only:
             save_kohya(path, tensors, meta)
         watch.saved(step, path, tracker)
-        if tracker:
+        if tracker and not preview_only:
             tracker.log_artifact(path, "checkpoints")
         return path
 
@@ -325,7 +328,12 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
                 _save_checkpoint(engine, ctx, done, lora_params, ema, stage, world, names, is_main,
                                  {"loss": last_loss, "step": done})
         if cfg.sample.every and (done % cfg.sample.every == 0 or final):
-            sample_seconds += previews(done, tensors if tensors is not None else file_tensors())
+            if tensors is None:
+                # Every previewed step keeps its LoRA file (locally, not as an MLflow artifact), so
+                # `POST /v1/generate` with `<run>@<step>` can reproduce any preview.
+                tensors = file_tensors()
+                save_file(done, tensors, preview_only=True)
+            sample_seconds += previews(done, tensors)
         if is_main and tracker and (final or time.time() - last_status > 1.0):  # a file write, not every step
             last_status = time.time()
             tracker.status(step=done, loss=last_loss, sec_per_step=train_seconds / (done - start),
@@ -397,7 +405,7 @@ def sample_previews(pipe, module, lora_params, tensors, names, prompts, texts, r
         generate(pipe, texts[p.prompt], seed=p.seed, width=p.width, height=p.height, steps=spare, guidance=p.guidance)
     if tensors is None:
         module.enable_adapters()
-    if pipe.vae.device.type == "cuda":
+    if pipe.vae.device.type == "cuda" and pipe.vae.encoder is None:  # back off the GPU (cached latents)
         pipe.vae.to("cpu")
     if saved is not None:
         with gathered(lora_params, stage, modifier_rank=0):
