@@ -6,10 +6,8 @@ import io
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
@@ -28,15 +26,6 @@ def fluxray(*args: str) -> subprocess.CompletedProcess:
 
 
 # -- images and names: one upload holds them all --------------------------------------------
-
-def _png_header_only(path: Path, width: int, height: int) -> None:
-    """A PNG whose header claims width x height and holds no pixels (a bomb, cheaply)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
-
 
 def _truncated(path: Path) -> None:
     buf = io.BytesIO()
@@ -74,7 +63,8 @@ IMAGES = {
     "print.jpg": (lambda p: Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(p), "normalised",
                   "CMYK converted to RGB"),
     "phone.jpg": (_exif_rotated, "normalised", "EXIF orientation 6 applied"),
-    "huge.png": (lambda p: _png_header_only(p, 20000, 20000), "too_large", "400 MP, over the 64 MP limit"),
+    # A real bomb: 48 kB of PNG that decodes to 400 megapixels.
+    "huge.png": (lambda p: Image.new("1", (20000, 20000)).save(p), "too_large", "400 MP, over the 64 MP limit"),
     "anim.gif": (_animated, "normalised", "3 frames; used the first"),
     "café photo 1.png": (lambda p: Image.new("RGB", (16, 16)).save(p), None, ""),
     "cafe\u0301 2.png": (lambda p: Image.new("RGB", (16, 16)).save(p), "normalised", "saved as caf\u00e9 2.png"),

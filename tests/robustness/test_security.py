@@ -43,7 +43,8 @@ def unsafe_calls(source: str) -> list[tuple[int, str]]:
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.module in _PICKLERS:
-            found += [(node.lineno, f"from {node.module} import {a.name}") for a in node.names if "load" in a.name.lower()]
+            found += [(node.lineno, f"from {node.module} import {a.name}")
+                      for a in node.names if "load" in a.name.lower()]
         if not isinstance(node, ast.Call):
             continue
         name = _name(node.func)
