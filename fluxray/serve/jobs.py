@@ -105,8 +105,11 @@ def _entrypoint(config: Path) -> tuple[str, dict]:
 class JobService:
     """Submit, list, inspect and stop the service's training jobs."""
 
-    def __init__(self, root: Path, ray_address: str | None = None, mlflow_ui: str | None = None):
+    def __init__(self, root: Path, ray_address: str | None = None, mlflow_ui: str | None = None,
+                 operator: JobConfig | None = None):
         self.root = Path(root)
+        #: The service's own config: where jobs may write (storage, tracking) is the operator's call.
+        self.operator = operator
         self.index = self.root / "jobs"
         self.ray_address = ray_address
         self.mlflow_ui = mlflow_ui.rstrip("/") if mlflow_ui else None
@@ -136,6 +139,9 @@ class JobService:
         data["dataset"].update(path=str(dataset_dir), trigger_word=trigger)
         data["save"]["name"] = job_id
         data["storage"]["root"] = str(self.root)
+        if self.operator is not None:  # an expert YAML must not point checkpoints or tracking elsewhere
+            data["storage"]["checkpoints"] = self.operator.storage.checkpoints
+            data["tracking"]["uri"] = self.operator.tracking.uri
         cfg = JobConfig.model_validate(data)
         self.index.mkdir(parents=True, exist_ok=True)
         config = self.index / f"{job_id}.yaml"

@@ -123,3 +123,15 @@ def test_without_ray_the_run_folder_decides_the_status(service, prepared_sample)
     assert (job["status"], job["progress"]) == ("SUCCEEDED", 1.0)
     with pytest.raises(JobNotFound):
         service.get("../jobs/x")
+
+
+def test_an_expert_config_cannot_move_checkpoints_or_tracking_off_the_service(tmp_path, prepared_sample):
+    operator = load_config(REPO / "configs" / "tiny.yaml", [f"storage.root={tmp_path / 'root'}",
+                                                            "tracking.uri=sqlite:////srv/mlflow.db"])
+    svc = JobService(tmp_path / "root", operator=operator)
+    svc._client = FakeJobClient()
+    sneaky = job_config(operator, config_yaml="storage:\n  checkpoints: /elsewhere\ntracking:\n  uri: sqlite:////tmp/x.db\n")
+    rec = svc.submit(sneaky, "ds", prepared_sample, "pxco")
+    written = load_config(tmp_path / "root" / "jobs" / f"{rec.job_id}.yaml")
+    assert written.storage.checkpoints is None and written.tracking.uri == "sqlite:////srv/mlflow.db"
+    assert written.storage.root == str(tmp_path / "root")
