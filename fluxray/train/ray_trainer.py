@@ -23,7 +23,9 @@ def ray_storage(cfg: JobConfig) -> str:
 def worker_env() -> dict[str, str]:
     """Driver environment that every worker gets: unbuffered prints (`ray job logs`), the MLflow
     server, and the `FLUXRAY_*` switches (such as the `FLUXRAY_CRASH_AT` fault injection)."""
-    env = {"PYTHONUNBUFFERED": "1"}
+    # Ray Train's print patch also sends each print through its logger: every progress line
+    # would show twice in `ray job logs`.
+    env = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     env.update({k: v for k, v in os.environ.items() if k.startswith("FLUXRAY_") or k == "MLFLOW_TRACKING_URI"})
     return env
 
