@@ -7,6 +7,7 @@ and record nothing. It also keeps a resumed run's step axis clean (see `log_metr
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fluxray.track.local import RunRecord, read_metrics
@@ -21,6 +22,17 @@ class Tracker:
         self.record = RunRecord(run_dir)
         self.mlflow = mlflow_run  # a `MlflowRun`, or None
         self._last_step = last_steps(read_metrics(run_dir))
+        # MLflow calls leave the training step on one background thread (in order): a remote
+        # tracking server costs tens of ms a call, which the step must not wait for.
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="mlflow") if mlflow_run else None
+
+    def _send(self, fn, *args) -> None:
+        self._sender.submit(_logged, fn, *args)
+
+    def flush(self) -> None:
+        """Wait until every MLflow call made so far has been sent (or spooled)."""
+        if self._sender:
+            self._sender.submit(lambda: None).result()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log the metrics at `step`, except those already logged at `step` or later.
@@ -37,38 +49,48 @@ class Tracker:
         self._last_step.update(dict.fromkeys(new, step))
         self.record.log_metrics(new, step)
         if self.mlflow:
-            self.mlflow.log_metrics(new, step)
+            self._send(self.mlflow.log_metrics, new, step)
 
     def log_image(self, image, key: str, step: int) -> None:
         if self.record.sample_path(key, step).exists():
             return  # logged before a crash; see log_metrics
         path = self.record.save_image(image, key, step)
         if self.mlflow:
-            self.mlflow.log_image(path, key, step)
+            self._send(self.mlflow.log_image, path, key, step)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.mlflow:
-            self.mlflow.log_artifact(path, artifact_path)
+            self._send(self.mlflow.log_artifact, path, artifact_path)
 
     def log_lora(self, path: Path) -> None:
         """The final LoRA, under the stable artifact path `lora/<name>.safetensors`; registered
         as a new model version when `tracking.register_model` names a model."""
         if self.mlflow:
-            self.mlflow.log_artifact(path, "lora")
+            self._send(self.mlflow.log_artifact, path, "lora")
             name = self.mlflow.cfg.tracking.register_model
             if name:
-                self.mlflow.register_model(name, f"lora/{Path(path).name}")
+                self._send(self.mlflow.register_model, name, f"lora/{Path(path).name}")
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.mlflow:
-            self.mlflow.set_tags(tags)
+            self._send(self.mlflow.set_tags, dict(tags))
 
     def status(self, **fields) -> None:
         self.record.set_status(**fields)
 
     def close(self) -> None:
+        if self._sender:
+            self._sender.shutdown(wait=True)
         if self.mlflow:
             self.mlflow.close()
+
+
+def _logged(fn, *args) -> None:
+    # MlflowRun spools what it cannot send; anything else is a bug worth a log line, not a dead thread.
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001
+        log.exception("MLflow call %s failed", getattr(fn, "__name__", fn))
 
 
 def last_steps(rows: list[dict]) -> dict[str, int]:

@@ -15,6 +15,9 @@ class RecordingRun:
     def log_metrics(self, metrics, step):
         self.metrics.append((step, dict(metrics)))
 
+    def close(self):
+        pass
+
     def log_image(self, path, key, step):
         self.images.append((key, step, path))
 
@@ -33,6 +36,7 @@ def test_a_resumed_tracker_skips_steps_it_logged_before_the_crash(tmp_path):
         if step == 10:
             resumed.log_metrics({"val_loss": 1.0}, step)
 
+    resumed.flush()
     assert [s for s, _ in mlflow.metrics] == [8, 9, 10, 10]
     rows = read_metrics(tmp_path)
     for key in ("loss", "lr", "val_loss"):
@@ -47,6 +51,7 @@ def test_only_the_new_keys_of_a_step_are_logged(tmp_path):
     t = Tracker(tmp_path, RecordingRun())
     t.log_metrics({"loss": 1.0}, 4)
     t.log_metrics({"loss": 9.0, "val_loss": 2.0}, 4)
+    t.flush()
     assert t.mlflow.metrics == [(4, {"loss": 1.0}), (4, {"val_loss": 2.0})]
 
 
@@ -57,6 +62,27 @@ def test_a_preview_already_on_disk_is_not_logged_again(tmp_path):
     resumed = Tracker(tmp_path, mlflow)
     resumed.log_image(Image.new("RGB", (16, 16), "blue"), "sample_0", 10)
     resumed.log_image(image, "sample_0", 20)
+    resumed.close()
     assert [(k, s) for k, s, _ in mlflow.images] == [("sample_0", 20)]
     assert Image.open(tmp_path / "samples" / "step000010-sample_0.png").getpixel((0, 0)) == (255, 0, 0)
     assert mlflow.images[0][2] == tmp_path / "samples" / "step000020-sample_0.png"
+
+
+def test_mlflow_calls_leave_the_step_and_keep_their_order(tmp_path):
+    import threading
+    import time
+
+    class SlowRun(RecordingRun):
+        def log_metrics(self, metrics, step):
+            time.sleep(0.05)
+            self.thread = threading.current_thread().name
+            super().log_metrics(metrics, step)
+
+    run = SlowRun()
+    t = Tracker(tmp_path, run)
+    start = time.perf_counter()
+    for step in range(1, 11):
+        t.log_metrics({"loss": 1.0}, step)
+    assert time.perf_counter() - start < 0.25  # ten 50 ms calls did not block the caller
+    t.close()
+    assert [s for s, _ in run.metrics] == list(range(1, 11)) and run.thread.startswith("mlflow")
