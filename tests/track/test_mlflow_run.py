@@ -134,6 +134,7 @@ def test_calls_wait_on_disk_through_an_outage_and_go_out_when_the_server_is_back
         tracker.log_image(Image.new("RGB", (32, 32), "red"), "sample_0", 1)
         tracker.log_artifact(tmp_path / "deleted-meanwhile.safetensors", "checkpoints")
         tracker.log_lora(lora)
+        tracker.flush()  # MLflow calls go out on the tracker's background thread
         assert len(_lost_lines(caplog)) == 1  # one line for the outage, not one per call
         assert [json.loads(line)["op"] for line in pending.read_text().splitlines()] == \
             ["metrics", "image", "artifact", "artifact", "register"]
@@ -141,6 +142,7 @@ def test_calls_wait_on_disk_through_an_outage_and_go_out_when_the_server_is_back
         server = _start_server(cfg.storage_root, port)
         try:
             tracker.log_metrics({"loss": 0.5}, 2)
+            tracker.flush()
             assert not pending.exists()
             assert any("tracking restored" in r.getMessage() for r in caplog.records)
             # A call that can never succeed is dropped with a warning, not retried forever.
