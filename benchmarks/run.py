@@ -251,11 +251,13 @@ def _start_cluster(temp: Path) -> tuple[subprocess.Popen, str, str]:
     port, dash = free(), free()
     temp.mkdir(parents=True, exist_ok=True)
     log = open(temp / "ray-start.log", "w")
+    # Jobs run `python` from the cluster's PATH: make it this venv's, as an activated venv would.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                              f"--port={port}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
                              f"--temp-dir={temp}", "--include-dashboard=true"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     from ray.job_submission import JobSubmissionClient
 
     deadline = time.time() + 300
