@@ -253,6 +253,9 @@ class JobService:
             "sec_per_step": st.get("sec_per_step"),
             "eta_seconds": self._eta(st, step, total, len(samples), cfg) if status == "RUNNING" else None,
             "lora": rec.run_name if (self.root / "loras" / f"{rec.run_name}.safetensors").is_file() else None,
+            # "Is it done?" from the fixed-noise validation loss, and the preview time shown apart.
+            "convergence": st.get("convergence"), "converged_step": st.get("converged_step"),
+            "best_step": st.get("best_step"), "sample_seconds": st.get("sample_seconds"),
         }
         if not detail:
             return view

@@ -96,7 +96,8 @@ def test_view_reads_progress_eta_losses_and_samples_from_the_run_folder(service,
     rec = submit(service, prepared_sample, steps=20, sample_every=10)
     service._client.jobs[rec.submission_id].status = JobStatus.RUNNING
     record = RunRecord(service.root / "runs" / rec.run_name)
-    record.set_status(state="running", step=5, total=20, loss=0.5, sec_per_step=2.0, sample_seconds=3.0)
+    record.set_status(state="running", step=5, total=20, loss=0.5, sec_per_step=2.0, sample_seconds=3.0,
+                      convergence="likely converged at step 4", converged_step=4, best_step=5)
     for step in range(1, 6):
         record.log_metrics({"loss": 1 / step}, step)
     record.log_metrics({"val_loss": 0.7}, 0)
@@ -105,6 +106,8 @@ def test_view_reads_progress_eta_losses_and_samples_from_the_run_folder(service,
     job = service.get(rec.job_id, "/v1/jobs/")
     assert (job["status"], job["step"], job["total"], job["progress"], job["loss"]) == ("RUNNING", 5, 20, 0.25, 0.5)
     assert job["eta_seconds"] == 15 * 2.0 + 2 * 3.0  # steps left, and the previews at 10 and 20
+    assert (job["convergence"], job["converged_step"], job["best_step"], job["sample_seconds"]) == \
+        ("likely converged at step 4", 4, 5, 3.0)
     assert job["losses"] == [[s, 1 / s] for s in range(1, 6)] and job["val_losses"] == [[0, 0.7]]
     assert job["samples"] == [{"step": 0, "images": [f"/v1/jobs/{rec.job_id}/samples/step000000-sample_0.png"],
                                "grid": f"/v1/jobs/{rec.job_id}/samples/step000000-grid.png"}]
