@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import reprlib
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -346,6 +347,12 @@ def _loc_key(loc: tuple) -> str:
     return ".".join(parts) or "(top level)"
 
 
+# A value quoted in an error, bounded: YAML aliases can nest a small text exponentially deep
+# (a "billion laughs"), and a full repr of that would take minutes.
+_VALUE = reprlib.Repr()
+_VALUE.maxlevel, _VALUE.maxstring, _VALUE.maxother = 3, 200, 200
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     found: dict[str, list[str]] = {}
     for e in err.errors():
@@ -357,7 +364,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         else:
             msg = e["msg"].removeprefix("Value error, ")
             if "got " not in msg:
-                msg += f", got {e.get('input')!r}"
+                msg += f", got {_VALUE.repr(e.get('input'))}"
             found.setdefault(key, []).append(msg)
     # A union reports every branch; keep the most specific path, and join a key's alternatives.
     keys = [k for k in found if not any(o != k and o.startswith(k + ".") for o in found)]
