@@ -17,6 +17,8 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
 
 from fluxray.advise.rules import advise as advise_config
 from fluxray.config import JobConfig, load_config
@@ -33,6 +35,10 @@ STATIC = Path(__file__).resolve().parent / "static"
 _API = "/v1/"
 
 
+class GenerationUnavailable(FluxrayError):
+    """The generation deployment cannot take the request now (queue full, replica lost); retry."""
+
+
 class ServiceConfig(BaseModel):
     """How the service runs: the Serve app's `args` (configs/serve.yaml) and `fluxray serve` flags."""
 
@@ -43,6 +49,7 @@ class ServiceConfig(BaseModel):
     api_token: str | None = Field(None, description="Bearer token required on /v1/*; None takes $FLUXRAY_API_TOKEN; neither means no auth.")
     max_upload_files: int = Field(500, ge=1, description="Files per dataset upload (images, or entries of the zip).")
     max_upload_mb: int = Field(512, ge=1, description="Bytes per dataset upload, uncompressed, in MiB.")
+    max_file_mb: int = Field(100, ge=1, description="Bytes per uploaded file (or zip entry), uncompressed, in MiB.")
     ray_address: str | None = Field(None, description="Ray dashboard address jobs are submitted to; None: the cluster the service runs on.")
     mlflow_ui: str | None = Field(None, description="Base URL of an MLflow UI over the tracking store, for run links (an http tracking URI links by itself).")
     max_loras: int = Field(4, ge=1, description="LoRAs kept loaded per generation replica (least recently used go first).")
@@ -128,8 +135,8 @@ Render = Callable[[str | None, dict], Awaitable[bytes]]
 def make_api(base: JobConfig, settings: ServiceConfig, render: Render) -> FastAPI:
     """The HTTP API over the storage root of `base`; `render(lora_id, params)` makes a PNG."""
     root, token = base.storage_root, settings.api_token
-    jobs = JobService(root, settings.ray_address, settings.mlflow_ui)
-    limits = Limits(settings.max_upload_files, settings.max_upload_bytes)
+    jobs = JobService(root, settings.ray_address, settings.mlflow_ui, operator=base)
+    limits = Limits(settings.max_upload_files, settings.max_upload_bytes, settings.max_file_mb << 20)
     app = FastAPI(title="fluxray", version="1", description="Train FLUX.1 LoRAs on Ray and generate with them.")
 
     # -- access and size bounds, before a body is read ------------------------------------
@@ -146,7 +153,7 @@ def make_api(base: JobConfig, settings: ServiceConfig, render: Render) -> FastAP
                     return JSONResponse({"detail": "uploads need a Content-Length"}, 411)
                 if int(size) > limits.max_bytes + (1 << 20):  # multipart framing on top of the files
                     return JSONResponse({"detail": f"upload of {size} bytes is over the limit of "
-                                                   f"{settings.max_upload_mb} MiB"}, 413)
+                                                   f"{settings.max_upload_mb} MiB (max_upload_mb)"}, 413)
         return await call_next(request)
 
     # -- errors: the message names the file, key or value -----------------------------------
@@ -154,6 +161,8 @@ def make_api(base: JobConfig, settings: ServiceConfig, render: Render) -> FastAP
         return lambda request, e: JSONResponse({"detail": str(e)}, status)
 
     app.add_exception_handler(UploadError, lambda request, e: JSONResponse({"detail": str(e)}, e.status))
+    app.add_exception_handler(GenerationUnavailable, lambda request, e: JSONResponse(
+        {"detail": str(e)}, 503, headers={"Retry-After": "5"}))
     app.add_exception_handler(PrepareError, lambda request, e: JSONResponse(
         {"detail": str(e), "report": e.report.model_dump(mode="json")}, 422))
     for exc, status in ((JobNotFound, 404), (LoraNotFound, 404), (ClusterUnavailable, 503), (ConfigError, 422),
@@ -188,7 +197,8 @@ def make_api(base: JobConfig, settings: ServiceConfig, render: Render) -> FastAP
                              "height": s.height, "lora_scale": 1.0},
                 "config_yaml": yaml.safe_dump(expert, sort_keys=False),
                 "model": base.model.path,
-                "limits": {"max_upload_files": limits.max_files, "max_upload_mb": settings.max_upload_mb}}
+                "limits": {"max_upload_files": limits.max_files, "max_upload_mb": settings.max_upload_mb,
+                           "max_file_mb": settings.max_file_mb}}
 
     # -- datasets ---------------------------------------------------------------------------
     @app.post("/v1/datasets", tags=["datasets"])
@@ -284,7 +294,14 @@ class Api:
         self.generator = generator
 
     async def render(self, lora_id: str | None, params: dict) -> bytes:
-        return await self.generator.options(multiplexed_model_id=lora_id or "").render.remote(params)
+        try:
+            return await self.generator.options(multiplexed_model_id=lora_id or "").render.remote(params)
+        except BackPressureError:
+            raise GenerationUnavailable("generate: the generation queue is full; retry later") from None
+        except RayActorError:
+            # Killed or crashed mid-render; Serve starts a new replica, so the same call can be retried.
+            raise GenerationUnavailable("generate: the generation replica was lost during this request; "
+                                        "retry (Serve is restarting it)") from None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self.base, self.settings, self.render)

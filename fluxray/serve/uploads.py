@@ -38,6 +38,7 @@ class UploadError(FluxrayError):
 class Limits:
     max_files: int = 500
     max_bytes: int = 512 << 20
+    max_file_bytes: int = 100 << 20
 
 
 def _check_path(name: str, where: str) -> list[str]:
@@ -83,23 +84,32 @@ def _zip_entries(zf: zipfile.ZipFile, limits: Limits) -> list[tuple[str, zipfile
         base = _check_path(info.filename, "zip")[-1]  # every entry, even those skipped below
         if info.is_dir() or info.filename.startswith(_ZIP_NOISE) or base.startswith("."):
             continue
+        if info.file_size > limits.max_file_bytes:
+            raise UploadError(f"zip: {info.filename}: {info.file_size} bytes uncompressed, more than the per-file "
+                              f"limit of {limits.max_file_bytes} (max_file_mb)", 413)
         total += info.file_size
         out.append((base, info))
     if len(out) > limits.max_files:
-        raise UploadError(f"zip: {len(out)} files, more than the limit of {limits.max_files}", 413)
+        raise UploadError(f"zip: {len(out)} files, more than the limit of {limits.max_files} (max_upload_files)", 413)
     if total > limits.max_bytes:
-        raise UploadError(f"zip: {total} bytes uncompressed, more than the limit of {limits.max_bytes}", 413)
+        raise UploadError(f"zip: {total} bytes uncompressed, more than the limit of {limits.max_bytes} "
+                          "(max_upload_mb)", 413)
     return out
 
 
-def _copy(src: BinaryIO, dst: Path, budget: int, name: str) -> int:
-    """Copy in chunks; refuse once the upload's byte budget is spent (a zip's sizes can lie)."""
+def _copy(src: BinaryIO, dst: Path, budget: int, name: str, limits: Limits) -> int:
+    """Copy in chunks; refuse a file over the per-file limit, or once the upload's byte budget is
+    spent (a zip's sizes can lie)."""
     n = 0
     with open(dst, "xb") as out:
         while chunk := src.read(_CHUNK):
             n += len(chunk)
+            if n > limits.max_file_bytes:
+                raise UploadError(f"{name}: larger than the per-file limit of {limits.max_file_bytes} bytes "
+                                  "(max_file_mb)", 413)
             if n > budget:
-                raise UploadError(f"{name}: the upload is larger than the limit", 413)
+                raise UploadError(f"{name}: the upload is larger than the limit of {limits.max_bytes} bytes "
+                                  "(max_upload_mb)", 413)
             out.write(chunk)
     return n
 
@@ -115,7 +125,8 @@ def save_upload(root: Path, files: list[tuple[str | None, BinaryIO]], captions: 
     if not files:
         raise UploadError("images: no files uploaded")
     if len(files) > limits.max_files:
-        raise UploadError(f"images: {len(files)} files, more than the limit of {limits.max_files}", 413)
+        raise UploadError(f"images: {len(files)} files, more than the limit of {limits.max_files} (max_upload_files)",
+                          413)
     names = [safe_name(n, "images") for n, _ in files]
     zf = None
     if len(files) == 1 and zipfile.is_zipfile(files[0][1]):
@@ -144,16 +155,16 @@ def save_upload(root: Path, files: list[tuple[str | None, BinaryIO]], captions: 
             for name, info in entries:
                 try:
                     with zf.open(info) as src:
-                        budget -= _copy(src, upload / name, budget, f"zip: {info.filename}")
+                        budget -= _copy(src, upload / name, budget, f"zip: {info.filename}", limits)
                 except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
                     # damaged, truncated, encrypted or an unknown compression method
                     raise UploadError(f"zip: {info.filename}: cannot be extracted: {e}") from None
         else:
             for name, (_, f) in zip(names, files):
-                budget -= _copy(f, upload / name, budget, name)
+                budget -= _copy(f, upload / name, budget, name, limits)
         if cap_name:
             captions[1].seek(0)
-            _copy(captions[1], upload / cap_name, budget, cap_name)
+            _copy(captions[1], upload / cap_name, budget, cap_name, limits)
     except UploadError:
         shutil.rmtree(upload)
         raise
