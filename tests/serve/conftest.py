@@ -1,5 +1,6 @@
 """Serve fixtures: Ray Serve on the session's cluster (HTTP proxy on 127.0.0.1, a free port),
-and `deploy_service(**args)` that runs the fluxray app there with the tiny model."""
+`deploy_service(**args)` that runs the fluxray app there with the tiny model, and `http` / `dataset`
+(a client of a module's `service`, the sample set uploaded to it)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,26 @@ def deploy_service(serve_url, tiny_model):
             time.sleep(0.5)
 
     yield deploy
+
+
+@pytest.fixture(scope="module")
+def http(service):
+    """A client of the module's own `service` fixture (each module deploys its app), with its token."""
+    with service.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def dataset(http):
+    """The bundled sample set uploaded to the module's service (18 images, trigger pxco); its id."""
+    samples = REPO / "samples" / "pxco"
+    files = [("images", (p.name, p.read_bytes(), "image/png")) for p in sorted(samples.glob("*.png"))]
+    files.append(("captions", ("captions.json", (samples / "captions.json").read_bytes(), "application/json")))
+    r = http.post("/v1/datasets", files=files, data={"trigger_word": "pxco"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["report"]["images"]) == 18
+    return body["dataset_id"]
 
 
 def wait_for(predicate, timeout: float, every: float = 1.0, what: str = "condition"):

@@ -25,12 +25,6 @@ STEPS, EVERY = 20, 10
 PROMPT = "[trigger], professional portrait photo, high quality, detailed"
 
 
-def upload_files() -> list:
-    files = [("images", (p.name, p.read_bytes(), "image/png")) for p in sorted(SAMPLES.glob("*.png"))]
-    files.append(("captions", ("captions.json", (SAMPLES / "captions.json").read_bytes(), "application/json")))
-    return files
-
-
 def pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
@@ -44,21 +38,6 @@ def service(deploy_service, tmp_path_factory):
                          api_token=TOKEN, generation_queue=2)
     yield svc
     serve.delete("fluxray")
-
-
-@pytest.fixture(scope="module")
-def http(service):
-    with service.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def dataset(http):
-    r = http.post("/v1/datasets", files=upload_files(), data={"trigger_word": "pxco"})
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert len(body["report"]["images"]) == 18
-    return body["dataset_id"]
 
 
 @pytest.fixture(scope="module")
