@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import gc
 import json
-import logging
 import math
 import os
 import shutil
@@ -38,7 +37,6 @@ from fluxray.train.engine import activation_estimate, choose_zero_stage, gathere
 from fluxray.train.flow import ema_decay_at, ema_update
 from fluxray.train.step import StepSpec, training_loss, validation_cases, validation_loss_sum
 
-log = logging.getLogger("fluxray.train")
 
 STATE_FILE = "fluxray_state.json"
 LORA_STATE_FILE = "fluxray_lora.safetensors"
@@ -199,7 +197,6 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
     stage, reason = choose_zero_stage(cfg.distributed.zero_stage, base_params=base_params,
                                       bytes_per_param=2 if bf16 else 4, gpu_memory=gpu_mem, activation_bytes=act)
     if is_main:
-        log.info("ZeRO stage %d: %s", stage, reason)
         print(f"ZeRO stage {stage}: {reason}", flush=True)
 
     lora_params = add_lora(transformer, cfg.lora, seed=cfg.train.seed)

@@ -106,3 +106,23 @@ def test_training_step_leaves_the_base_weights_bit_identical(tiny_model, tmp_pat
     for n, p in after.items():
         assert torch.equal(p, before[n]), n
     assert any(not torch.equal(a, b) for a, b in zip(lora_before, params))
+
+
+def test_a_preview_step_between_saves_keeps_its_lora_file(tiny_model, prepared_sample, tmp_path):
+    """`<run>@<step>` needs the file of every previewed step, not only of the save steps."""
+    cfg = _cfg(tiny_model, prepared_sample, tmp_path, "train.steps=4", "save.every=4", "sample.every=2",
+               'sample.prompts=["[trigger], portrait"]', "sample.steps=2", "distributed.workers=1")
+    run_job(cfg, local=True)
+    loras = tmp_path / "runs" / "learn" / "loras"
+    assert (loras / "learn-step000002.safetensors").is_file()
+    assert not (loras / "learn-step000002.kohya.safetensors").exists()  # a preview file, not a save
+
+    prompt = cfg.sample_prompts("pxco")[0]
+    pipe = FluxPipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(loras / "learn-step000002.safetensors"), adapter_name="s2")
+    set_lora_scale(pipe.transformer, 1.0, adapter="s2")
+    img = generate(pipe, encode_prompt(pipe, prompt.prompt, cfg.model.max_sequence_length), seed=prompt.seed,
+                   width=prompt.width, height=prompt.height, steps=prompt.steps, guidance=prompt.guidance)
+    preview = __import__("PIL.Image").Image.open(tmp_path / "runs" / "learn" / "samples" / "step000002-sample_0.png")
+    assert np.array_equal(np.asarray(img), np.asarray(preview))
