@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import socket
 
 import torch
 
@@ -77,23 +76,18 @@ def deepspeed_config(cfg: JobConfig, world_size: int, stage: int, bf16: bool, lo
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_single_process_group() -> None:
     """A world of one (gloo), so the same DeepSpeed loop runs without Ray."""
     if torch.distributed.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    torch.distributed.init_process_group(backend=backend, rank=0, world_size=1)
+    # An in-memory store: a world of one needs no TCP rendezvous, and a port picked
+    # "free" can be taken by another process before it is bound (EADDRINUSE in CI).
+    torch.distributed.init_process_group(backend=backend, store=torch.distributed.HashStore(), rank=0,
+                                         world_size=1)
 
 
 def _skip_shm_build() -> None:
