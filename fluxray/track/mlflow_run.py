@@ -27,6 +27,8 @@ PENDING_FILE = "mlflow-pending.jsonl"
 #: long, then twice as long each failure up to the cap (a black-holed host costs ~35 s a try).
 RETRY_SECONDS = 60.0
 MAX_RETRY_SECONDS = 600.0
+#: MLflow's limit on the metrics of one `log_batch` call.
+MAX_BATCH_METRICS = 1000
 #: MLflow's HTTP defaults retry for minutes (a warning line per retry); a step must not
 #: stall that long, and the spool already retries later. Set the variables to override.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -213,8 +215,9 @@ class MlflowRun:
         self._retry_at = 0.0
 
     # -- the calls the tracker makes --------------------------------------------------------
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._send({"op": "metrics", "metrics": metrics, "step": step, "time": _now_ms()})
+    def log_metrics(self, rows: list[tuple[dict[str, float], int, int]]) -> None:
+        """Metrics of one or more steps: (metrics, step, time in ms) rows, sent in one call."""
+        self._send({"op": "metrics", "rows": [[m, step, ms] for m, step, ms in rows]})
 
     def log_image(self, path: Path, key: str, step: int) -> None:
         self._send({"op": "image", "path": str(path), "key": key, "step": step, "time": _now_ms()})
@@ -301,8 +304,9 @@ class MlflowRun:
 
         kind = op["op"]
         if kind == "metrics":
-            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), op["time"], op["step"])
-                                                        for k, v in op["metrics"].items()])
+            metrics = [Metric(k, float(v), ms, step) for m, step, ms in op["rows"] for k, v in m.items()]
+            for i in range(0, len(metrics), MAX_BATCH_METRICS):
+                self.client.log_batch(self.run_id, metrics=metrics[i:i + MAX_BATCH_METRICS])
         elif kind == "image":
             from PIL import Image
 

@@ -7,12 +7,19 @@ and record nothing. It also keeps a resumed run's step axis clean (see `log_metr
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fluxray.track.local import RunRecord, read_metrics
 
 log = logging.getLogger(__name__)
+
+#: Metrics go to MLflow in one batch at most this often. One call per step costs a sqlite
+#: transaction (or an HTTP round trip) whose CPU time competes with the step itself.
+METRICS_BATCH_SECONDS = 2.0
+#: How many metrics.jsonl rows MLflow has been given (sent or spooled), in the run folder.
+SENT_FILE = "mlflow_sent"
 
 
 class Tracker:
@@ -21,17 +28,44 @@ class Tracker:
     def __init__(self, run_dir: Path, mlflow_run=None):
         self.record = RunRecord(run_dir)
         self.mlflow = mlflow_run  # a `MlflowRun`, or None
-        self._last_step = last_steps(read_metrics(run_dir))
+        logged = read_metrics(run_dir)
+        self._last_step = last_steps(logged)
         # MLflow calls leave the training step on one background thread (in order): a remote
         # tracking server costs tens of ms a call, which the step must not wait for.
         self._sender = ThreadPoolExecutor(1, thread_name_prefix="mlflow") if mlflow_run else None
+        self._rows: list[tuple[dict[str, float], int, int]] = []  # (metrics, step, ms) not yet sent
+        self._rows_sent_at = time.monotonic()
+        self._sent_file = Path(run_dir) / SENT_FILE
+        self._count = len(logged)  # metrics.jsonl rows so far; MLflow has the first `sent` of them
+        if mlflow_run:
+            # Rows a crashed process logged locally but still held in its batch: MLflow gets
+            # them now (the resumed steps that redo them are skipped, see `log_metrics`).
+            sent = int(self._sent_file.read_text()) if self._sent_file.exists() else 0
+            self._rows = [({k: v for k, v in r.items() if k not in ("step", "time")}, r["step"],
+                           int(r["time"] * 1000)) for r in logged[sent:]]
 
     def _send(self, fn, *args) -> None:
+        self._send_rows()  # metrics logged before this call go out before it
         self._sender.submit(_logged, fn, *args)
+
+    def _send_rows(self) -> None:
+        if self._rows:
+            rows, self._rows = self._rows, []
+            self._sender.submit(self._send_metrics, rows, self._count)
+        self._rows_sent_at = time.monotonic()
+
+    def _send_metrics(self, rows, count: int) -> None:
+        # Sent or spooled, they are MLflow's now. A crash between the call and this write
+        # sends the batch twice; never losing it is the better side to err on.
+        _logged(self.mlflow.log_metrics, rows)
+        tmp = self._sent_file.with_suffix(".tmp")
+        tmp.write_text(str(count))
+        tmp.replace(self._sent_file)
 
     def flush(self) -> None:
         """Wait until every MLflow call made so far has been sent (or spooled)."""
         if self._sender:
+            self._send_rows()
             self._sender.submit(lambda: None).result()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -48,8 +82,11 @@ class Tracker:
             return
         self._last_step.update(dict.fromkeys(new, step))
         self.record.log_metrics(new, step)
+        self._count += 1
         if self.mlflow:
-            self._send(self.mlflow.log_metrics, new, step)
+            self._rows.append((new, step, int(time.time() * 1000)))
+            if time.monotonic() - self._rows_sent_at >= METRICS_BATCH_SECONDS:
+                self._send_rows()
 
     def log_image(self, image, key: str, step: int) -> None:
         if self.record.sample_path(key, step).exists():
@@ -80,6 +117,7 @@ class Tracker:
 
     def close(self) -> None:
         if self._sender:
+            self._send_rows()
             self._sender.shutdown(wait=True)
         if self.mlflow:
             self.mlflow.close()

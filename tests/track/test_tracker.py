@@ -12,8 +12,9 @@ class RecordingRun:
     def __init__(self):
         self.metrics, self.images = [], []
 
-    def log_metrics(self, metrics, step):
-        self.metrics.append((step, dict(metrics)))
+    def log_metrics(self, rows):
+        self.calls = getattr(self, "calls", 0) + 1
+        self.metrics += [(step, dict(metrics)) for metrics, step, _ in rows]
 
     def close(self):
         pass
@@ -23,11 +24,17 @@ class RecordingRun:
 
 
 def test_a_resumed_tracker_skips_steps_it_logged_before_the_crash(tmp_path):
-    first = Tracker(tmp_path, RecordingRun())
+    sent = RecordingRun()
+    first = Tracker(tmp_path, sent)
     first.log_metrics({"val_loss": 2.0}, 0)
-    for step in range(1, 8):  # crashed after logging step 7; the last checkpoint is step 5
+    for step in range(1, 4):
         first.log_metrics({"loss": 1.0 / step, "lr": 1e-3}, step)
-    first.log_metrics({"val_loss": 1.5}, 5)
+    first.flush()
+    # Crashed after logging step 7, with steps 4-7 still in the MLflow batch; the last checkpoint is step 5.
+    for step in range(4, 8):
+        first.log_metrics({"loss": 1.0 / step, "lr": 1e-3}, step)
+        if step == 5:
+            first.log_metrics({"val_loss": 1.5}, 5)
 
     mlflow = RecordingRun()
     resumed = Tracker(tmp_path, mlflow)
@@ -37,7 +44,10 @@ def test_a_resumed_tracker_skips_steps_it_logged_before_the_crash(tmp_path):
             resumed.log_metrics({"val_loss": 1.0}, step)
 
     resumed.flush()
-    assert [s for s, _ in mlflow.metrics] == [8, 9, 10, 10]
+    assert [s for s, _ in sent.metrics] == [0, 1, 2, 3]
+    # The crashed batch (4-7, from metrics.jsonl), then the new steps: each step once in MLflow.
+    assert [s for s, _ in mlflow.metrics] == [4, 5, 5, 6, 7, 8, 9, 10, 10]
+    assert mlflow.metrics[3] == (6, {"loss": 1.0 / 6, "lr": 1e-3})  # the value logged before the crash
     rows = read_metrics(tmp_path)
     for key in ("loss", "lr", "val_loss"):
         steps = [r["step"] for r in rows if key in r]
@@ -73,16 +83,42 @@ def test_mlflow_calls_leave_the_step_and_keep_their_order(tmp_path):
     import time
 
     class SlowRun(RecordingRun):
-        def log_metrics(self, metrics, step):
+        def log_metrics(self, rows):
             time.sleep(0.05)
             self.thread = threading.current_thread().name
-            super().log_metrics(metrics, step)
+            super().log_metrics(rows)
+
+        def log_image(self, path, key, step):
+            time.sleep(0.05)
+            self.images.append((key, step, len(self.metrics)))
 
     run = SlowRun()
     t = Tracker(tmp_path, run)
     start = time.perf_counter()
     for step in range(1, 11):
         t.log_metrics({"loss": 1.0}, step)
-    assert time.perf_counter() - start < 0.25  # ten 50 ms calls did not block the caller
+        if step % 5 == 0:
+            t.log_image(Image.new("RGB", (8, 8)), "sample_0", step)
+    assert time.perf_counter() - start < 0.25  # slow MLflow calls did not block the caller
     t.close()
     assert [s for s, _ in run.metrics] == list(range(1, 11)) and run.thread.startswith("mlflow")
+    # Each image went out after the metrics of its step and before those of later steps.
+    assert [(s, sent) for _, s, sent in run.images] == [(5, 5), (10, 10)]
+
+
+def test_metrics_of_many_steps_go_to_mlflow_in_one_call(tmp_path, monkeypatch):
+    import fluxray.track.tracker as tracker_mod
+
+    run = RecordingRun()
+    t = Tracker(tmp_path, run)
+    for step in range(1, 51):
+        t.log_metrics({"loss": 1.0 / step, "lr": 1e-3}, step)
+    t.flush()
+    assert run.calls == 1 and [s for s, _ in run.metrics] == list(range(1, 51))
+
+    monkeypatch.setattr(tracker_mod, "METRICS_BATCH_SECONDS", 0.0)  # every call sends
+    for step in range(51, 54):
+        t.log_metrics({"loss": 0.1}, step)
+    t.flush()
+    assert run.calls == 4
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 54))  # the local record: every step
