@@ -46,7 +46,13 @@ def resolve_job(cfg: JobConfig) -> JobConfig:
         src = out
     dataset = read_prepared(src)
     info = dataset.info
-    trigger = cfg.dataset.trigger_word or info.trigger_word
+    if cfg.dataset.trigger_word and cfg.dataset.trigger_word.strip() != info.trigger_word:
+        # The captions were written with the prepared trigger: a different one here would train
+        # a LoRA that the new word never calls up, and previews without the learned word.
+        raise ConfigError(f"dataset.trigger_word: {cfg.dataset.trigger_word!r} differs from {info.trigger_word!r}, "
+                          f"the trigger {src} was prepared with; drop the key to use {info.trigger_word!r}, or "
+                          f"prepare the images again with the new word (fluxray prepare --trigger ...)")
+    trigger = info.trigger_word
     _check_batches(cfg, [path for path, _ in dataset.items])
     if "dataset" not in update:
         update["dataset"] = {**cfg.dataset.model_dump(), "path": str(src.resolve()), "trigger_word": trigger}

@@ -206,3 +206,14 @@ def test_a_fifo_in_the_upload_is_reported_not_read(tmp_path):
     r = fluxray("prepare", str(up), "--trigger", "pxco", "--out", str(tmp_path / "ds"))
     assert r.returncode == 0, r.stderr
     assert "pipe.png" in _line(r.stdout, "pipe.png") and "not a regular file" in r.stdout, r.stdout
+
+
+def test_a_prepared_dataset_keeps_the_trigger_its_captions_were_written_with(tiny_config):
+    from fluxray.errors import ConfigError
+    from fluxray.train.job import resolve_job
+
+    with pytest.raises(ConfigError) as e:
+        resolve_job(tiny_config("dataset.trigger_word=zxqv"))
+    msg = str(e.value)
+    assert msg.startswith("dataset.trigger_word: 'zxqv'") and "'pxco'" in msg and "fluxray prepare" in msg
+    assert resolve_job(tiny_config("dataset.trigger_word=' pxco '")).dataset.trigger_word == "pxco"

@@ -181,5 +181,7 @@ def test_a_traversing_run_name_fails_before_anything_is_written(tmp_path):
 def test_a_run_named_after_its_trigger_stays_under_the_root(tiny_config, tmp_path, trigger, name):
     from fluxray.train.job import resolve_job, run_dir
 
-    cfg = resolve_job(tiny_config(f"dataset.trigger_word={trigger}", "save.name=null"))
+    # The raw sample folder: it is prepared with this trigger (a prepared one keeps its own).
+    cfg = resolve_job(tiny_config(f"dataset.path={REPO / 'samples' / 'pxco'}", f"dataset.trigger_word={trigger}",
+                                  "save.name=null"))
     assert cfg.save.name.startswith(name) and run_dir(cfg).parent == cfg.storage_root / "runs"
