@@ -8,7 +8,8 @@ a. steady-state step time of fluxray's Ray + DeepSpeed worker vs a bare PyTorch 
 b. step time with and without the latent / text-embedding caches (tiny model)
 c. transformer parameters held per worker under ZeRO 0 and ZeRO 3, 2 workers
 d. time from submission to the first step, for a job on a running cluster
-e. share of wall time spent sampling with the default sample config
+e. share of wall time spent sampling with the default sample config: inline in one process, and (not in
+   --quick) on the preview actor of a Ray job, where it counts the loop's stops and the wait at the end
 f. GPU only: s/step and MFU at 512² and 1024², batch 1, full-size FLUX.1-dev transformer, random bf16 weights
 Results are printed as a table and written to --out (JSON). Nothing here asserts a speed.
 """
@@ -96,14 +97,24 @@ def _bare_loop(model: Path, dataset: Path, root: Path, steps: int, skip: int, re
 def bench_overhead(ctx) -> dict:
     from fluxray.train.job import run_job
 
+    import torch
+
     steps, skip = ctx.steps, ctx.skip
+    # Same CPU threads on both sides: Ray gives a worker OMP_NUM_THREADS = its reserved CPUs.
+    threads = min(2, os.cpu_count() or 1)
     cfg = _cfg(ctx.root, ctx.small_model, ctx.dataset, "bench-a", f"train.steps={steps}", "sample.every=0",
                f"save.every={steps}", f"validation.every={steps}", "distributed.workers=1",
-               f"dataset.resolutions=[{ctx.res}]", "train.ema=true")
+               f"distributed.cpus_per_worker={threads}", f"dataset.resolutions=[{ctx.res}]", "train.ema=true")
     run_job(cfg, local=False)
     fluxray = _steady_seconds_per_step(ctx.root / "runs" / "bench-a", skip)
-    bare = _bare_loop(ctx.small_model, ctx.dataset, ctx.root, steps, skip, ctx.res)
-    return {"bare_s_per_step": bare, "fluxray_s_per_step": fluxray, "overhead_ratio": fluxray / bare}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        bare = _bare_loop(ctx.small_model, ctx.dataset, ctx.root, steps, skip, ctx.res)
+    finally:
+        torch.set_num_threads(before)
+    return {"bare_s_per_step": bare, "fluxray_s_per_step": fluxray, "overhead_ratio": fluxray / bare,
+            "threads": threads}
 
 
 def bench_caches(ctx) -> dict:
@@ -176,14 +187,25 @@ def bench_sampling_share(ctx) -> dict:
 
     d = JobConfig().sample
     steps = 100 if not ctx.quick else 50
-    cfg = _cfg(ctx.root, ctx.tiny_model, ctx.dataset, "bench-e", f"train.steps={steps}", f"save.every={steps}",
-               "distributed.workers=1", "dataset.resolutions=[256]")
-    cfg = cfg.model_copy(update={"sample": d})  # every 50 steps, the guide's 3 prompts, 20 steps, 1024²
-    t = time.time()
-    summary = run_job(cfg, local=True)
-    wall = time.time() - t
-    return {"wall_s": wall, "sample_s": summary["sample_seconds"], "sample_share": summary["sample_seconds"] / wall,
-            "samplings": steps // d.every + 1}
+
+    def run(name: str, sample, local: bool) -> tuple[dict, float]:
+        cfg = _cfg(ctx.root, ctx.tiny_model, ctx.dataset, name, f"train.steps={steps}", f"save.every={steps}",
+                   "distributed.workers=1", "dataset.resolutions=[256]")
+        cfg = cfg.model_copy(update={"sample": sample})  # every 50 steps, the guide's 3 prompts, 20 steps, 1024²
+        t = time.time()
+        summary = run_job(cfg, local=local)
+        return summary, time.time() - t
+
+    summary, wall = run("bench-e", d, local=True)  # inline: the loop stops for every render
+    out = {"wall_s": wall, "sample_s": summary["sample_seconds"], "sample_share": summary["sample_seconds"] / wall,
+           "samplings": steps // d.every + 1}
+    if not ctx.quick:  # the same renders again on a preview actor: minutes of CPU that CI's mode skips
+        summary, wall = run("bench-e-actor", d.model_copy(update={"mode": "actor"}), local=False)
+        held = summary["sample_seconds"] + summary["preview_wait_seconds"]  # stopped + waiting at the end
+        out["actor"] = {"wall_s": wall, "sample_s": summary["sample_seconds"],
+                        "render_s": summary["preview_render_seconds"], "wait_s": summary["preview_wait_seconds"],
+                        "skipped": summary["previews_skipped"], "sample_share": held / wall}
+    return out
 
 
 def bench_gpu_mfu(ctx) -> dict:
@@ -302,7 +324,7 @@ def main() -> int:
                     out_dir=ctx.dataset)
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
                "quick": args.quick}
-    need_cluster = any(k in args.only for k in "acd")
+    need_cluster = any(k in args.only for k in "acd") or ("e" in args.only and not args.quick)
     proc = None
     try:
         if need_cluster and args.address:

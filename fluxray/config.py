@@ -8,6 +8,7 @@ unknown key suggests the nearest real one.
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import reprlib
 from pathlib import Path
@@ -153,6 +154,9 @@ class SampleConfig(_Section):
     height: int = Field(1024, ge=64, description="Preview height in pixels.")
     steps: int = Field(20, ge=1, description="Flow-match Euler steps per preview.")
     guidance: float = Field(3.5, ge=0, description="Guidance scale of the previews (3.5-4 for dev).")
+    mode: Literal["auto", "inline", "actor"] = Field("auto", description="Who renders: `inline` every rank, stopping training; `actor` one Ray actor, from each step's LoRA file, while training goes on; `auto` the actor under Ray where the cluster has room for it (with GPU workers: only if `actor_gpus` > 0), else inline (`--local` is always inline).")
+    actor_cpus: float = Field(1, gt=0, description="CPUs reserved for the preview actor.")
+    actor_gpus: float = Field(0, ge=0, description="GPUs (or a fraction) reserved for the preview actor; 0 renders on CPU, so `auto` stays inline on a GPU job.")
 
     @field_validator("prompts")
     @classmethod
@@ -240,11 +244,17 @@ class StorageConfig(_Section):
 
 
 class ValidationConfig(_Section):
-    """The fixed-noise validation loss (fixed images, σ values and noise), comparable across runs."""
+    """The fixed-noise validation loss (fixed images, σ values and noise), comparable across runs,
+    and optionally the previews' similarity to the training images.
+
+    It is the loss of the weights the LoRA file holds (the EMA when `train.ema` is on), so the
+    plateau and the best checkpoint judge the files a user keeps.
+    """
 
     every: int | None = Field(None, ge=1, description="Fixed-noise validation loss every N steps; `None` follows `sample.every` (or `save.every` if previews are off).")
     images: int = Field(4, ge=1, description="Training images held fixed for the validation loss.")
     sigmas: list[float] = Field([0.1, 0.3, 0.5, 0.7, 0.9], min_length=1, description="Fixed σ values of the validation loss.")
+    embedding_model: str | None = Field(None, min_length=1, description="CLIP vision model (a local folder or hub id, e.g. `openai/clip-vit-large-patch14`) that scores each preview step by the previews' similarity to the training images (`sample_similarity`); `None` turns it off.")
 
 
 class JobConfig(_Section):
@@ -266,6 +276,9 @@ class JobConfig(_Section):
         if self.train.warmup_steps >= self.train.steps and self.train.warmup_steps > 0:
             raise ValueError(
                 f"train.warmup_steps ({self.train.warmup_steps}) must be below train.steps ({self.train.steps})")
+        if self.validation.embedding_model and not self.sample.every:
+            raise ValueError("validation.embedding_model scores the previews, which sample.every = 0 turns off: "
+                             "set sample.every or remove validation.embedding_model, got sample.every=0")
         return self
 
     # -- derived values ----------------------------------------------------------------
@@ -449,7 +462,7 @@ def reference_markdown() -> str:
              "Set any key in a YAML file or with `--set dotted.key=value` (values are YAML).", ""]
     for section, field in JobConfig.model_fields.items():
         model = field.annotation
-        lines += [f"## `{section}`", "", (model.__doc__ or "").strip(), "",
+        lines += [f"## `{section}`", "", inspect.cleandoc(model.__doc__ or ""), "",
                   "| key | default | what it does |", "|---|---|---|"]
         for name, f in model.model_fields.items():
             default = f.default_factory() if f.default_factory else f.default

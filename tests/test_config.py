@@ -58,7 +58,7 @@ def test_flat_view_has_dotted_keys():
     assert flat["train.steps"] == 1000 and flat["lora.rank"] == 16 and "storage.root" in flat
 
 
-# Ten malformed configs: each fails with a message that names the key (and the value where there is one).
+# Malformed configs: each fails with a message that names the key (and the value where there is one).
 MALFORMED = [
     ("train:\n  steps: 0\n", "train.steps", "got 0"),
     ("train:\n  stpes: 100\n", "train.stpes", "did you mean `train.steps`"),
@@ -71,6 +71,8 @@ MALFORMED = [
     ("train:\n  ema_decay: 1.5\n", "train.ema_decay", "got 1.5"),
     ("sample:\n  prompts:\n    - {prompt: hi, seedd: 3}\n", "sample.prompts.0.seedd", "did you mean `sample.prompts.0.seed`"),
     ("train:\n  warmup_steps: 50\n  steps: 10\n", "train.warmup_steps", "train.steps"),
+    ("sample:\n  every: 0\nvalidation:\n  embedding_model: openai/clip-vit-large-patch14\n",
+     "validation.embedding_model", "sample.every=0"),
     ("save:\n  name: ../escape\n", "save.name", "'../escape'"),
 ]
 

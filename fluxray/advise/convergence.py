@@ -119,3 +119,14 @@ class ConvergenceWatch:
 
     def summary(self) -> dict:
         return asdict(self.result)
+
+    def state(self) -> dict:
+        """What a checkpoint keeps, so a resumed run stops early and marks its best file as if
+        it had never stopped."""
+        return {"points": [list(p) for p in self.points], "files": {str(s): f for s, f in self.files.items()}}
+
+    def restore(self, state: dict | None, upto: int) -> None:
+        """Back to `state` (from `state()`), keeping what happened up to step `upto`."""
+        state = state or {}
+        self.points = [(int(s), float(v)) for s, v in state.get("points", []) if int(s) <= upto]
+        self.files = {int(s): f for s, f in state.get("files", {}).items() if int(s) <= upto}

@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from fluxray.config import TINY_MODEL, JobConfig
+from fluxray.data.captions import has_trigger
 from fluxray.errors import ConfigError, FluxrayError
 
 Severity = Literal["info", "warning", "error"]
@@ -221,7 +222,7 @@ def _prompts(f: _Facts) -> list[Advice]:
     for i, p in enumerate(cfg.sample_prompts(trigger or "[trigger]")):
         key, text = f"sample.prompts.{i}", p.prompt
         words = re.findall(r"\w+", text)
-        if trigger is not None and not _has_trigger(text, trigger):
+        if trigger is not None and not has_trigger(text, trigger):
             out.append(_a("prompt.no_trigger", "warning", key,
                           f"sample prompt {i} {text!r} lacks the trigger word {trigger!r}: it shows the base model, "
                           "not your LoRA (the guide's bad prompt: \"portrait photo\"); it is never added silently",
@@ -242,13 +243,6 @@ def _prompts(f: _Facts) -> list[Advice]:
                           f"{cfg.model.max_sequence_length}: the rest is cut off",
                           "shorten the prompt (dev reads up to 512 tokens)"))
     return out
-
-
-def _has_trigger(text: str, trigger: str) -> bool:
-    from fluxray.data.captions import apply_trigger
-
-    # The training captions' rule (whole word, case-sensitive): apply_trigger leaves the text as is.
-    return apply_trigger(text, trigger) == " ".join(text.split())
 
 
 def _t5_tokens(text: str) -> int:

@@ -46,9 +46,14 @@ def apply_trigger(caption: str, trigger: str) -> str:
     text = " ".join(caption.replace(TRIGGER_PLACEHOLDER, trigger).split())
     if not text:
         return trigger
-    if re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", text):
+    if has_trigger(text, trigger):
         return text
     return f"{trigger}, {text}"
+
+
+def has_trigger(text: str, trigger: str) -> bool:
+    """Whether `text` holds `trigger` as a whole, case-sensitive word (T5 tells `pxco` from `PXCO`)."""
+    return re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", text) is not None
 
 
 def load_captions(images_dir: Path, captions: Path | None = None) -> dict[str, str]:

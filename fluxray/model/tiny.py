@@ -1,7 +1,9 @@
-"""A tiny random-weight FLUX.1 pipeline in diffusers format, built from config.
+"""A tiny random-weight FLUX.1 pipeline in diffusers format, built from config, and a tiny
+CLIP vision model for `validation.embedding_model`.
 
-Tests, CI and Ray smoke runs load it with `FluxPipeline.from_pretrained` exactly as
-they would FLUX.1-dev, so the real code paths run on CPU in well under a second.
+Tests, CI and Ray smoke runs load them with `from_pretrained` exactly as they would
+FLUX.1-dev and openai/clip-vit-large-patch14, so the real code paths run on CPU in well
+under a second.
 """
 
 import math
@@ -16,7 +18,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from tokenizers import pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import (CLIPImageProcessorPil, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig,
+                          CLIPVisionModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer)
 
 # Caption-like text the tokenizers learn their vocabularies from; any other text still
 # encodes (CLIP falls back to bytes, T5 to single characters, then <unk>).
@@ -36,6 +39,7 @@ CORPUS = (
 TEXT_DIM = 32  # CLIP hidden size == T5 d_model == transformer joint/pooled dims
 CLIP_MAX_LENGTH = 77  # as FLUX.1-dev's CLIP-L tokenizer
 T5_MAX_LENGTH = 512  # FluxPipeline accepts max_sequence_length up to 512
+EMBED_IMAGE_SIZE = 32  # pixels the tiny CLIP vision model sees (CLIP-L: 224)
 
 
 def _learn_bpe_merges(words: Counter, num_merges: int) -> list[tuple[str, str]]:
@@ -203,19 +207,44 @@ def make_tiny_model(out_dir: str | Path, *, seed: int = 0, double_blocks: int = 
     return out_dir
 
 
+def make_tiny_image_embedder(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Write a random-weight `CLIPVisionModelWithProjection` and its image processor to out_dir,
+    laid out as openai/clip-vit-large-patch14 is, and return it."""
+    out_dir = Path(out_dir)
+    config = CLIPVisionConfig(image_size=EMBED_IMAGE_SIZE, patch_size=8, hidden_size=32, intermediate_size=37,
+                              num_hidden_layers=2, num_attention_heads=4, projection_dim=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPVisionModelWithProjection(config)
+    model.save_pretrained(out_dir)
+    # The PIL backend needs no torchvision; it saves as `CLIPImageProcessor`, like CLIP-L's, and
+    # resizes the short side and centre-crops to the model's size.
+    CLIPImageProcessorPil(size={"shortest_edge": EMBED_IMAGE_SIZE},
+                          crop_size={"height": EMBED_IMAGE_SIZE, "width": EMBED_IMAGE_SIZE}).save_pretrained(out_dir)
+    return out_dir
+
+
 def ensure_tiny_model(out_dir: str | Path, *, seed: int = 0, **dims) -> Path:
     """Return out_dir holding the tiny model, building it once; safe for concurrent Ray workers."""
-    out_dir = Path(out_dir)
-    if (out_dir / "model_index.json").exists():
+    return _build_once(Path(out_dir), "model_index.json", lambda tmp: make_tiny_model(tmp, seed=seed, **dims))
+
+
+def ensure_tiny_image_embedder(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Return out_dir holding the tiny CLIP vision model, building it once; safe for concurrent workers."""
+    return _build_once(Path(out_dir), "preprocessor_config.json", lambda tmp: make_tiny_image_embedder(tmp, seed=seed))
+
+
+def _build_once(out_dir: Path, marker: str, make) -> Path:
+    """`make(folder)` into a folder beside out_dir, renamed into place, so no reader sees half a model."""
+    if (out_dir / marker).exists():
         return out_dir
-    # Build beside the target and rename into place, so no reader sees half a model.
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        make_tiny_model(tmp, seed=seed, **dims)
+        make(tmp)
         os.replace(tmp, out_dir)
     except OSError:
         # Another worker renamed its copy into place first, so out_dir is not empty.
-        if not (out_dir / "model_index.json").exists():
+        if not (out_dir / marker).exists():
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -256,6 +256,7 @@ class JobService:
             # "Is it done?" from the fixed-noise validation loss, and the preview time shown apart.
             "convergence": st.get("convergence"), "converged_step": st.get("converged_step"),
             "best_step": st.get("best_step"), "sample_seconds": st.get("sample_seconds"),
+            "similarity": st.get("similarity"),  # with validation.embedding_model
         }
         if not detail:
             return view

@@ -156,6 +156,8 @@ def run_local(cfg: JobConfig, resume: bool = False, tracker=None) -> dict:
         for old in done[:-cfg.save.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
+    if cfg.sample.every and cfg.sample.mode == "actor":
+        print("sample.mode=actor needs Ray: this local run renders its previews inline", flush=True)
     init_single_process_group()
     ctx = WorkerContext(rank=0, world_size=1, resume_dir=resume_dir, report=report,
                         checkpoint_dir=lambda step: ckpt_root / f"step{step:06d}")

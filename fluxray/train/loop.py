@@ -18,16 +18,18 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from fluxray.advise.convergence import ConvergenceWatch
+from fluxray.advise.similarity import SubjectJudge, resolve_embedding_model
 from fluxray.config import JobConfig
 from fluxray.data.buckets import check_fits, make_items, rank_batch
+from fluxray.data.captions import has_trigger
 from fluxray.data.cache import CacheStore, build_caches, model_key
 from fluxray.errors import FluxrayError
-from fluxray.model.generate import generate, image_grid
+from fluxray.model.generate import generate
 from fluxray.model.kohya import kohya_path, save_kohya
 from fluxray.model.lora import (add_lora, export_state_dict, lora_metadata, lora_named_params,
                                 restore_lora_scale, save_lora, set_lora_scale)
@@ -35,6 +37,7 @@ from fluxray.model.pipeline import is_guidance_distilled, load_pipeline, resolve
 from fluxray.track.flops import lora_step_flops, peak_flops
 from fluxray.train.engine import activation_estimate, choose_zero_stage, gathered, init_engine, partition_numel
 from fluxray.train.flow import ema_decay_at, ema_update
+from fluxray.train.preview import SimilarityLog, log_previews, unlogged_previews
 from fluxray.train.step import StepSpec, training_loss, validation_cases, validation_loss_sum
 
 
@@ -53,6 +56,10 @@ class WorkerContext:
     report: Callable[[dict, Path], None] = lambda metrics, ckpt: None
     #: Where this rank writes a checkpoint before `report` hands it over.
     checkpoint_dir: Callable[[int], Path] = field(default=lambda step: Path("checkpoints") / f"step{step:06d}")
+    #: Previews go to a preview actor (`fluxray.train.preview`): no rank renders them.
+    preview_actor: bool = False
+    #: Rank 0's handle on that actor; the Ray worker entry creates it and kills it.
+    preview_renderer: Any = None
 
 
 @dataclass
@@ -163,6 +170,9 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
                           cache_latents=cfg.dataset.cache_latents, cache_texts=cfg.dataset.cache_text_embeddings,
                           barrier=torch.distributed.barrier if world > 1 else (lambda: None))
     cache_seconds = time.time() - t0
+    renderer = ctx.preview_renderer
+    if renderer is not None:  # once: the actor never loads the text encoders
+        renderer.start.remote(prompts, {p.prompt: caches.texts[p.prompt] for p in prompts})
     # The step reads only the caches: drop the text encoders and the VAE encoder.
     if cfg.dataset.cache_text_embeddings:
         pipe.text_encoder = pipe.text_encoder_2 = None
@@ -215,7 +225,7 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
     # -- resume ---------------------------------------------------------------------------
     start = 0
     if ctx.resume_dir is not None:
-        start, ema = _load_checkpoint(engine, ctx.resume_dir, lora_params, names, ema, stage, world)
+        start, ema, resumed_state = _load_checkpoint(engine, ctx.resume_dir, lora_params, names, ema, stage, world)
         if is_main:
             print(f"resumed from {ctx.resume_dir} at step {start}", flush=True)
 
@@ -223,13 +233,18 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
     per_rank = math.ceil(len(val) / world)
     my_val = val[rank * per_rank:(rank + 1) * per_rank]
     watch = ConvergenceWatch(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
+    if ctx.resume_dir is not None:  # the curve so far: early stop and the best file carry on
+        watch.restore(resumed_state.get("convergence"), start)
 
     def validate(step: int) -> float:
         engine.eval()
-        s = validation_loss_sum(engine, my_val, caches.latents, caches.texts, spec)
-        # Under ZeRO-3 every rank must run the same number of forwards: pad with repeats.
-        if stage == 3 and len(my_val) < per_rank:
-            validation_loss_sum(engine, val[:per_rank - len(my_val)], caches.latents, caches.texts, spec)
+        # The weights the LoRA file gets (the EMA when on): the curve, the plateau and the best
+        # checkpoint judge the files a user keeps, not the live weights.
+        with _holding(lora_params, ema, stage):
+            s = validation_loss_sum(engine, my_val, caches.latents, caches.texts, spec)
+            # Under ZeRO-3 every rank must run the same number of forwards: pad with repeats.
+            if stage == 3 and len(my_val) < per_rank:
+                validation_loss_sum(engine, val[:per_rank - len(my_val)], caches.latents, caches.texts, spec)
         total = _all_reduce_sum([s], world)[0]
         engine.train()
         loss = total / len(val)
@@ -258,11 +273,25 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
             tracker.log_artifact(path, "checkpoints")
         return path
 
+    # The previews' similarity to the training images (`validation.embedding_model`): scored where
+    # they are rendered (rank 0 inline, else the preview actor), logged by rank 0.
+    judge = None
+    if cfg.validation.embedding_model and is_main and not ctx.preview_actor and cfg.sample.every:
+        judge = SubjectJudge(resolve_embedding_model(cfg.validation.embedding_model, cfg.storage_root), images,
+                             [has_trigger(p.prompt, trigger) for p in prompts])
+    similarity = SimilarityLog(tracker)
+
     def previews(step: int, tensors) -> float:
+        """Seconds this rank stops training for the step's previews."""
         t = time.time()
-        sample_previews(pipe, module, lora_params, tensors, names, prompts, caches.texts, rank, world, stage,
-                        step, tracker)
-        engine.train()
+        if not ctx.preview_actor:
+            shown = sample_previews(pipe, module, lora_params, tensors, names, prompts, caches.texts, rank, world,
+                                    stage, step, tracker)
+            if judge is not None:
+                similarity.add([(step, judge.score(shown))])
+            engine.train()
+        elif renderer is not None:  # the step's LoRA file is saved: hand it over, don't wait
+            renderer.submit.remote(step, None if tensors is None else str(paths.step_lora(step)))
         return time.time() - t
 
     if is_main and tracker:
@@ -273,6 +302,9 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
         validate(0)
         if cfg.sample.every:
             sample_seconds += previews(0, None)
+    elif renderer is not None:
+        for step, lora in unlogged_previews(paths.run_dir, start, cfg.sample.every, paths.step_lora):
+            renderer.submit.remote(step, lora)
 
     # -- the loop -------------------------------------------------------------------------
     progress = _Progress(cfg.train.steps, start, is_main)
@@ -323,7 +355,7 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
                 save_file(done, tensors)
             with _saving(ctx.checkpoint_dir(done), cfg.storage_root, done):
                 _save_checkpoint(engine, ctx, done, lora_params, ema, stage, world, names, is_main,
-                                 {"loss": last_loss, "step": done})
+                                 {"loss": last_loss, "step": done}, {"convergence": watch.state()})
         if cfg.sample.every and (done % cfg.sample.every == 0 or final):
             if tensors is None:
                 # Every previewed step keeps its LoRA file (locally, not as an MLflow artifact), so
@@ -335,13 +367,24 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
             last_status = time.time()
             tracker.status(step=done, loss=last_loss, sec_per_step=train_seconds / (done - start),
                            sample_seconds=sample_seconds)
+            if renderer is not None:
+                similarity.poll(renderer)
         if final:
             break
     progress.close()
+    preview_wait, rendered = 0.0, {"render_seconds": sample_seconds, "skipped": []}
+    if renderer is not None:  # the final previews are logged before the job ends
+        import ray
+
+        t = time.time()
+        rendered = ray.get(renderer.finish.remote())
+        preview_wait = time.time() - t
+        similarity.drain(renderer)
 
     summary = {"steps": done, "convergence": watch.summary(), "start_step": start, "loss": last_loss, "zero_stage": stage,
                "zero3_shards": shards,
-               "sample_seconds": sample_seconds,
+               "sample_seconds": sample_seconds, "preview_render_seconds": rendered["render_seconds"],
+               "preview_wait_seconds": preview_wait, "previews_skipped": rendered["skipped"],
                "train_seconds": train_seconds, "cache": caches.stats.__dict__, "encoders_loaded": encoders_loaded}
     if is_main:
         final_path = paths.final_lora
@@ -356,7 +399,8 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
         summary["lora"] = str(final_path)
         if tracker:
             tracker.log_lora(final_path)
-            tracker.status(state="finished", step=done, lora=str(final_path))
+            tracker.status(state="finished", step=done, lora=str(final_path), sample_seconds=sample_seconds,
+                           preview_render_seconds=rendered["render_seconds"], preview_wait_seconds=preview_wait)
         print(f"LoRA written to {final_path}", flush=True)
         print(watch.result.message, flush=True)  # "likely converged at step N; best checkpoint: ..."
     return summary
@@ -367,7 +411,8 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
 # ---------------------------------------------------------------------------------------
 
 def sample_previews(pipe, module, lora_params, tensors, names, prompts, texts, rank, world, stage, step, tracker):
-    """Each rank renders its share of the prompts with the file's LoRA; rank 0 logs them all.
+    """Each rank renders its share of the prompts with the file's LoRA; rank 0 logs them all and
+    returns them (in prompt order; None on the other ranks).
 
     `tensors` are the exact tensors of the step's LoRA file (None at step 0: the base model),
     loaded into the adapter at scale 1, so a preview is what generate gives for that file.
@@ -414,15 +459,18 @@ def sample_previews(pipe, module, lora_params, tensors, names, prompts, texts, r
         if rank == 0:
             for part in gathered_results:
                 results.update(part)
-    if rank == 0 and tracker:
-        for k in sorted(results):
-            tracker.log_image(results[k], f"sample_{k}", step)
-        tracker.log_image(image_grid([results[k] for k in sorted(results)]), "grid", step)
+    if rank == 0:
+        shown = [results[k] for k in sorted(results)]
+        log_previews(tracker, shown, step)
+        return shown
+    return None
 
 
-def _save_checkpoint(engine, ctx: WorkerContext, step, lora_params, ema, stage, world, names, is_main, metrics):
+def _save_checkpoint(engine, ctx: WorkerContext, step, lora_params, ema, stage, world, names, is_main, metrics,
+                     loop_state: dict):
     """All ranks write the DeepSpeed state (LoRA, optimizer, scheduler; not the frozen base) and
-    rank 0 a portable copy (LoRA, EMA, step) that resumes on any world size; then one report."""
+    rank 0 a portable copy (LoRA, EMA, step, `loop_state`) that resumes on any world size; then
+    one report."""
     from safetensors.torch import save_file
 
     ckpt = ctx.checkpoint_dir(step)
@@ -436,7 +484,8 @@ def _save_checkpoint(engine, ctx: WorkerContext, step, lora_params, ema, stage, 
             save_file(tensors, str(ckpt / LORA_STATE_FILE))
             # Written last: its presence marks a complete checkpoint.
             (ckpt / STATE_FILE).write_text(json.dumps({"step": step, "world_size": world, "zero_stage": stage,
-                                                       "rng": "derived from (train.seed, rank, step)"}))
+                                                       "rng": "derived from (train.seed, rank, step)",
+                                                       **loop_state}))
     ctx.report(metrics, ckpt)
 
 
@@ -468,6 +517,24 @@ def _no_space_left(e: BaseException, path: Path) -> bool:
     return existing is not None and shutil.disk_usage(existing).free < 1 << 20
 
 
+@contextmanager
+def _holding(lora_params, values, stage):
+    """The LoRA parameters hold `values` inside the block (None: their own), then their own again."""
+    if values is None:
+        yield
+        return
+    with gathered(lora_params, stage, modifier_rank=0):
+        saved = [p.detach().clone() for p in lora_params]
+        for p, v in zip(lora_params, values):
+            p.data.copy_(v.to(p.dtype))
+    try:
+        yield
+    finally:
+        with gathered(lora_params, stage, modifier_rank=0):
+            for p, v in zip(lora_params, saved):
+                p.data.copy_(v)
+
+
 def _load_checkpoint(engine, ckpt: Path, lora_params, names, ema, stage, world):
     from safetensors.torch import load_file
 
@@ -487,7 +554,7 @@ def _load_checkpoint(engine, ckpt: Path, lora_params, names, ema, stage, world):
         engine.lr_scheduler.last_epoch = state["step"]
     if ema is not None:
         ema = [tensors[f"ema/{n}"].clone() if f"ema/{n}" in tensors else e for n, e in zip(names, ema)]
-    return int(state["step"]), ema
+    return int(state["step"]), ema, state
 
 
 def _maybe_crash_for_test(step: int, rank: int, run_dir: Path) -> None:

@@ -51,17 +51,25 @@ def use_gpu(cfg: JobConfig) -> tuple[bool, float]:
 
 def run_ray(cfg: JobConfig, run_id: str | None) -> dict:
     """Fit the job on `distributed.workers` Ray Train workers; returns rank 0's summary."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from fluxray.train.preview import use_preview_actor
 
     _connect()
     gpu, gpus = use_gpu(cfg)
     resources = {"CPU": cfg.distributed.cpus_per_worker}
     if gpu:
         resources["GPU"] = gpus
+    # Decided once, here, so that every rank agrees on who renders.
+    actor = use_preview_actor(cfg, gpus if gpu else 0.0, ray.available_resources())
+    if cfg.sample.every:
+        print(f"previews: {'on a preview actor' if actor else 'inline, on the workers'} "
+              f"(sample.mode={cfg.sample.mode})", flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker=_worker_main,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "preview_actor": actor},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.distributed.workers, use_gpu=gpu,
                                      resources_per_worker=resources),
@@ -87,6 +95,7 @@ def _worker_main(config: dict) -> None:
     from ray.train import Checkpoint
 
     from fluxray.train.loop import WorkerContext, train_worker
+    from fluxray.train.preview import start_renderer
     from fluxray.track import make_tracker
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -114,13 +123,21 @@ def _worker_main(config: dict) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
     tracker = make_tracker(cfg, config.get("mlflow_run_id")) if rank == 0 else None
+    # Rank 0 owns the preview actor, rather than the driver: Ray kills an actor with the process
+    # that owns it, so a failed worker group (and Ray Train's restart of it) leaves none behind.
+    # Started first, it loads its pipeline while the workers fill their caches.
+    renderer = start_renderer(cfg, config.get("mlflow_run_id")) if rank == 0 and config["preview_actor"] else None
     try:
         summary = train_worker(cfg, WorkerContext(rank=rank, world_size=world, resume_dir=resume_dir,
-                                                  report=report, checkpoint_dir=checkpoint_dir), tracker)
+                                                  report=report, checkpoint_dir=checkpoint_dir,
+                                                  preview_actor=config["preview_actor"],
+                                                  preview_renderer=renderer), tracker)
         if rank == 0:
             path = cfg.storage_root / "runs" / cfg.save.name / "summary.json"
             path.write_text(json.dumps(summary, default=str))
     finally:
+        if renderer is not None:
+            ray.kill(renderer)
         if tracker:
             tracker.close()
         shutil.rmtree(scratch, ignore_errors=True)

@@ -142,3 +142,53 @@ def test_real_tiny_run_flattens_stops_early_and_marks_the_best_checkpoint(tiny_c
     e = eta(half, 200)
     assert e.step == stopped // 2 and 0 < e.sec_per_step <= max(times)
     assert e.seconds_left == pytest.approx(e.sec_per_step * (200 - stopped // 2))
+
+
+def test_watch_state_round_trips_up_to_the_resumed_step():
+    w = ConvergenceWatch(3, 0.01)
+    for step, loss in [(0, 2.0), (5, 1.5), (10, 1.2), (15, 1.2)]:
+        w.add(step, loss)
+        w.saved(step, f"/runs/x-step{step:06d}.safetensors")
+    state = json.loads(json.dumps(w.state()))  # as the checkpoint's state file keeps it
+    resumed = ConvergenceWatch(3, 0.01)
+    resumed.restore(state, upto=10)
+    assert resumed.points == [(0, 2.0), (5, 1.5), (10, 1.2)]
+    assert resumed.files == {s: f"/runs/x-step{s:06d}.safetensors" for s in (0, 5, 10)}
+    resumed.restore(None, upto=10)  # a checkpoint from before the watch was kept: start empty
+    assert resumed.points == [] and resumed.files == {}
+
+
+@pytest.mark.slow
+def test_early_stop_and_the_best_checkpoint_survive_a_crash_and_resume(tiny_config, tmp_path):
+    """The same early-stopping run twice: once straight through, once killed after the plateau
+    began and resumed with `--resume`. Both stop at the same step and mark the same best file."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fluxray.config import dump_config
+
+    sets = ("distributed.workers=1", "sample.every=0", "train.steps=200", "train.lr=0.02", "validation.every=5",
+            "validation.images=2", "save.every=5", "train.ema=false", "train.early_stop=true",
+            "train.early_stop_patience=3", "save.kohya=false")
+    straight = run_job(tiny_config(*sets, root=tmp_path / "a"), local=True)
+    c = straight["convergence"]
+    assert straight["steps"] < 200 and c["converged_step"] is not None
+
+    cfg = tiny_config(*sets, root=tmp_path / "b")
+    path = tmp_path / "job.yaml"
+    path.write_text(dump_config(cfg))
+    crash = c["converged_step"] + 6  # one step after the first save past the plateau's start
+    assert crash < straight["steps"]
+    cli = [str(Path(sys.executable).parent / "fluxray"), "train", "--config", str(path), "--local"]
+    r = subprocess.run(cli, env={**os.environ, "FLUXRAY_CRASH_AT": f"{crash}:0"}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode != 0 and f"exits at step {crash}" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    r = subprocess.run(cli + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and f"at step {crash - 1}" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+    status = json.loads((cfg.storage_root / "runs" / cfg.save.name / "status.json").read_text())
+    assert status["step"] == straight["steps"]
+    assert (status["converged_step"], status["best_step"]) == (c["converged_step"], c["best_step"])
+    assert status["best_lora"].endswith(f"step{c['best_step']:06d}.safetensors")

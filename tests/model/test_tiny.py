@@ -6,7 +6,7 @@ from diffusers import FluxPipeline
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer, T5Tokenizer
 
-from fluxray.model.tiny import ensure_tiny_model, make_tiny_model
+from fluxray.model.tiny import ensure_tiny_image_embedder, ensure_tiny_model, make_tiny_model
 
 TRANSFORMER_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 
@@ -98,10 +98,12 @@ def test_folder_is_small(model_dir):
     assert size < 5 * 2**20
 
 
-def test_ensure_builds_once_then_reuses(tmp_path):
-    out_dir = tmp_path / "flux"
-    assert ensure_tiny_model(out_dir) == out_dir
-    mtime = (out_dir / "model_index.json").stat().st_mtime_ns
-    assert ensure_tiny_model(out_dir) == out_dir
-    assert (out_dir / "model_index.json").stat().st_mtime_ns == mtime
-    assert [path.name for path in tmp_path.iterdir()] == ["flux"]  # no tmp build left behind
+@pytest.mark.parametrize("ensure,marker", [(ensure_tiny_model, "model_index.json"),
+                                           (ensure_tiny_image_embedder, "preprocessor_config.json")])
+def test_ensure_builds_once_then_reuses(tmp_path, ensure, marker):
+    out_dir = tmp_path / "model"
+    assert ensure(out_dir) == out_dir
+    mtime = (out_dir / marker).stat().st_mtime_ns
+    assert ensure(out_dir) == out_dir
+    assert (out_dir / marker).stat().st_mtime_ns == mtime
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]  # no tmp build left behind

@@ -53,9 +53,9 @@ def _stage_run(fits, tiny_config, stage: int) -> dict:
         # The failure run: rank 1 exits at step 15, after the step-10 checkpoint; one failure allowed.
         extra, env = ["distributed.max_failures=1"], {"FLUXRAY_CRASH_AT": "15:1"}
     if stage == 3:
-        # Previews mid-run swap the file's LoRA in and back on every rank; rank 0 renders 4 + 4 steps,
-        # rank 1 only 2, so it must pad its forwards to match.
-        extra = ["sample.every=10",
+        # Inline previews mid-run swap the file's LoRA in and back on every rank; rank 0 renders 4 + 4
+        # steps, rank 1 only 2, so it must pad its forwards to match.
+        extra = ["sample.every=10", "sample.mode=inline",
                  'sample.prompts=["[trigger], portrait", {prompt: "[trigger], close-up", steps: 2}, "[trigger], smile"]']
     return _fit(fits, tiny_config, f"zero{stage}", f"distributed.zero_stage={stage}", *extra, env=env)
 

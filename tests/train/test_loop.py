@@ -126,3 +126,44 @@ def test_a_preview_step_between_saves_keeps_its_lora_file(tiny_model, prepared_s
                    width=prompt.width, height=prompt.height, steps=prompt.steps, guidance=prompt.guidance)
     preview = __import__("PIL.Image").Image.open(tmp_path / "runs" / "learn" / "samples" / "step000002-sample_0.png")
     assert np.array_equal(np.asarray(img), np.asarray(preview))
+
+
+def test_validation_holds_the_files_weights_then_gives_the_live_ones_back():
+    """`_holding` puts the EMA (the weights the LoRA file gets) into the LoRA for validation and
+    restores the live weights bit for bit, so training goes on from where it was."""
+    from fluxray.train.loop import _holding
+
+    live = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    before = [p.detach().clone() for p in live]
+    ema = [torch.zeros(4, 3), torch.ones(5)]
+    with _holding(live, ema, stage=0):
+        assert all(torch.equal(p, e) for p, e in zip(live, ema))
+    assert all(torch.equal(p, b) for p, b in zip(live, before))
+    with _holding(live, None, stage=0):  # EMA off: the live weights are the file's
+        assert all(torch.equal(p, b) for p, b in zip(live, before))
+
+
+def test_previews_are_scored_against_the_training_images(tiny_config):
+    """With `validation.embedding_model`, each preview step logs `sample_similarity`: the previews
+    of the prompts with the trigger word, scored against the training images."""
+    from PIL import Image
+
+    from fluxray.advise.similarity import SubjectJudge, resolve_embedding_model
+    from fluxray.data.prepare import read_prepared
+
+    cfg = tiny_config("distributed.workers=1", "train.steps=4", "sample.every=2", "save.every=4",
+                      "sample.width=64", "sample.height=64", "sample.steps=2", "validation.embedding_model=tiny",
+                      'sample.prompts=["[trigger], portrait photo", "a red car on a street"]')
+    run_job(cfg, local=True)
+    run = cfg.storage_root / "runs" / cfg.save.name
+    scores = {r["step"]: r["sample_similarity"] for r in read_metrics(run) if "sample_similarity" in r}
+    assert sorted(scores) == [0, 2, 4]
+
+    judge = SubjectJudge(resolve_embedding_model("tiny", cfg.storage_root),
+                         [p for p, _ in read_prepared(cfg.dataset.path).items], [True, False])
+    for step, value in scores.items():
+        shown = [Image.open(run / "samples" / f"step{step:06d}-sample_{k}.png").convert("RGB") for k in (0, 1)]
+        assert value == pytest.approx(judge.score(shown), abs=1e-5)  # the car is not scored
+        assert -1.0 <= value <= 1.0
+    status = json.loads((run / "status.json").read_text())
+    assert status["similarity"].startswith("sample similarity to the training images:") and "step 4" in status["similarity"]

@@ -178,7 +178,8 @@ function renderJob(job) {
   $("job-loss").textContent = job.loss == null ? "–" : job.loss.toFixed(4);
   $("job-sampling").textContent = job.sample_seconds == null ? "–" : duration(job.sample_seconds);
   $("job-convergence").textContent = job.convergence
-    ? job.convergence + (job.best_step != null ? ` · best checkpoint: step ${job.best_step}` : "") : "";
+    ? job.convergence + (job.best_step != null ? ` · best checkpoint: step ${job.best_step}` : "")
+      + (job.similarity ? ` · ${job.similarity}` : "") : "";
   $("job-message").textContent = job.status === "FAILED" || job.status === "UNKNOWN" ? job.message || "" : "";
   const ml = job.mlflow;
   $("job-mlflow").innerHTML = "";
