@@ -111,10 +111,13 @@ def bench_overhead(ctx) -> dict:
     torch.set_num_threads(threads)
     try:
         bare = _bare_loop(ctx.small_model, ctx.dataset, ctx.root, steps, skip, ctx.res)
+        # The same loop without Ray (`--local`): splits the overhead into fluxray's and Ray Train's.
+        run_job(cfg.model_copy(update={"save": cfg.save.model_copy(update={"name": "bench-a-local"})}), local=True)
+        local = _steady_seconds_per_step(ctx.root / "runs" / "bench-a-local", skip)
     finally:
         torch.set_num_threads(before)
     return {"bare_s_per_step": bare, "fluxray_s_per_step": fluxray, "overhead_ratio": fluxray / bare,
-            "threads": threads}
+            "fluxray_local_s_per_step": local, "local_overhead_ratio": local / bare, "threads": threads}
 
 
 def bench_caches(ctx) -> dict:

@@ -23,6 +23,8 @@ log = logging.getLogger("fluxray.mlflow")
 
 RUN_NAME_TAG = "fluxray.run_name"
 PENDING_FILE = "mlflow-pending.jsonl"
+#: The preview actor's own spool: two processes never append to (or replay) one file.
+PREVIEW_PENDING_FILE = "mlflow-pending-previews.jsonl"
 #: While MLflow is unreachable, calls go straight to the spool; it is retried after this
 #: long, then twice as long each failure up to the cap (a black-holed host costs ~35 s a try).
 RETRY_SECONDS = 60.0
@@ -158,16 +160,19 @@ def start_job_run(cfg: JobConfig) -> str | None:
 
 def end_job_run(cfg: JobConfig, status: str = "FINISHED") -> None:
     """Driver, at job end: send what rank 0 could not, then mark the run finished or failed."""
-    pending = cfg.storage_root / "runs" / cfg.save.name / PENDING_FILE
-    waiting = len(read_jsonl(pending))
-    # A spool means the outage was reported already: only say where it waits.
-    run = MlflowRun(cfg, None, pending, down=waiting > 0)
-    if not run.flush():
+    for name in (PREVIEW_PENDING_FILE, PENDING_FILE):  # the run's own spool last: it may open the run
+        pending = cfg.storage_root / "runs" / cfg.save.name / name
+        waiting = len(read_jsonl(pending))
+        if name == PREVIEW_PENDING_FILE and not waiting:
+            continue
+        # A spool means the outage was reported already: only say where it waits.
+        run = MlflowRun(cfg, None, pending, down=waiting > 0)
+        if not run.flush():
+            if waiting:
+                run.warn_pending()
+            return
         if waiting:
-            run.warn_pending()
-        return
-    if waiting:
-        run.warn_restored(waiting)
+            run.warn_restored(waiting)
     try:
         run.client.set_terminated(run.run_id, status)
     except Exception as e:  # noqa: BLE001
@@ -179,12 +184,17 @@ def sync_run(cfg: JobConfig) -> tuple[str, int]:
 
     `cfg` is the run's own resolved config; returns (run id, calls sent).
     """
-    pending = cfg.storage_root / "runs" / cfg.save.name / PENDING_FILE
-    n = len(read_jsonl(pending))
-    run = MlflowRun(cfg, None, pending, down=True)
-    if not run.flush():
-        raise TrackingError(f"MLflow unreachable at {tracking_uri(cfg)}: {n} call(s) still wait in {pending}")
-    return run.run_id, n
+    sent = 0
+    for name in (PENDING_FILE, PREVIEW_PENDING_FILE):
+        pending = cfg.storage_root / "runs" / cfg.save.name / name
+        n = len(read_jsonl(pending))
+        if name == PREVIEW_PENDING_FILE and not n:
+            continue
+        run = MlflowRun(cfg, None, pending, down=True)
+        if not run.flush():
+            raise TrackingError(f"MLflow unreachable at {tracking_uri(cfg)}: {n} call(s) still wait in {pending}")
+        sent += n
+    return run.run_id, sent
 
 
 class TrackingError(FluxrayError):

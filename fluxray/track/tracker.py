@@ -25,7 +25,9 @@ SENT_FILE = "mlflow_sent"
 class Tracker:
     """Local record first, then MLflow (if configured)."""
 
-    def __init__(self, run_dir: Path, mlflow_run=None):
+    def __init__(self, run_dir: Path, mlflow_run=None, metrics: bool = True):
+        """`metrics=False`: a second writer of the run (the preview actor) that logs no metrics and
+        leaves their MLflow catch-up to rank 0's tracker."""
         self.record = RunRecord(run_dir)
         self.mlflow = mlflow_run  # a `MlflowRun`, or None
         logged = read_metrics(run_dir)
@@ -37,7 +39,8 @@ class Tracker:
         self._rows_sent_at = time.monotonic()
         self._sent_file = Path(run_dir) / SENT_FILE
         self._count = len(logged)  # metrics.jsonl rows so far; MLflow has the first `sent` of them
-        if mlflow_run:
+        self._metrics = metrics
+        if mlflow_run and metrics:
             # Rows a crashed process logged locally but still held in its batch: MLflow gets
             # them now (the resumed steps that redo them are skipped, see `log_metrics`).
             sent = int(self._sent_file.read_text()) if self._sent_file.exists() else 0
@@ -77,6 +80,8 @@ class Tracker:
         metrics.jsonl and in MLflow alike; `metrics.jsonl` is written first, so it is
         the record of what was logged.
         """
+        if not self._metrics:
+            raise RuntimeError("this tracker logs no metrics (made with metrics=False)")
         new = {k: v for k, v in metrics.items() if step > self._last_step.get(k, -1)}
         if not new:
             return

@@ -166,7 +166,7 @@ class PreviewRenderer:
         pipe = load_pipeline(resolve_model_path(cfg), resolve_dtype(cfg.model.dtype, device), cfg.model.revision,
                              device, text_encoders=False)
         self.pipeline = LoraPipeline(pipe, cfg.model.max_sequence_length)
-        self.tracker = make_tracker(cfg, mlflow_run_id)
+        self.tracker = make_tracker(cfg, mlflow_run_id, previews=True)
         self.queue = PreviewQueue(limit)
         self.prompts: list[SamplePrompt] = []
         self.texts: dict[str, PromptEmbeds] = {}

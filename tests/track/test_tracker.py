@@ -122,3 +122,20 @@ def test_metrics_of_many_steps_go_to_mlflow_in_one_call(tmp_path, monkeypatch):
     t.flush()
     assert run.calls == 4
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 54))  # the local record: every step
+
+
+def test_the_preview_actors_tracker_leaves_the_metrics_to_rank_0(tmp_path):
+    import pytest
+
+    rank0 = Tracker(tmp_path, RecordingRun())
+    for step in range(1, 4):
+        rank0.log_metrics({"loss": 1.0}, step)  # still in rank 0's batch
+    previews = RecordingRun()
+    actor = Tracker(tmp_path, previews, metrics=False)
+    actor.log_image(Image.new("RGB", (8, 8)), "sample_0", 2)
+    actor.close()
+    assert previews.metrics == [] and [(k, s) for k, s, _ in previews.images] == [("sample_0", 2)]
+    with pytest.raises(RuntimeError):
+        actor.log_metrics({"loss": 1.0}, 4)
+    rank0.close()
+    assert [s for s, _ in rank0.mlflow.metrics] == [1, 2, 3]
