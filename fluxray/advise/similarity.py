@@ -122,6 +122,14 @@ class SubjectJudge:
         self.train = self.embedder.embed(images)
         self.subject = subject if any(subject) else [True] * len(subject)
 
+    @classmethod
+    def for_job(cls, cfg, training_images: list[Path], prompts, trigger: str) -> "SubjectJudge":
+        """The judge of a job's previews: `validation.embedding_model` on its resolved sample prompts."""
+        from fluxray.data.captions import has_trigger
+
+        return cls(resolve_embedding_model(cfg.validation.embedding_model, cfg.storage_root), training_images,
+                   [has_trigger(p.prompt, trigger) for p in prompts])
+
     def score(self, images: list) -> float:
         """The previews' `subject_similarity`, in the order of the sample prompts."""
         return subject_similarity(self.embedder.embed([im for im, s in zip(images, self.subject) if s]), self.train)

@@ -23,10 +23,9 @@ from typing import Any, Callable
 import torch
 
 from fluxray.advise.convergence import ConvergenceWatch
-from fluxray.advise.similarity import SubjectJudge, resolve_embedding_model
+from fluxray.advise.similarity import SubjectJudge
 from fluxray.config import JobConfig
 from fluxray.data.buckets import check_fits, make_items, rank_batch
-from fluxray.data.captions import has_trigger
 from fluxray.data.cache import CacheStore, build_caches, model_key
 from fluxray.errors import FluxrayError
 from fluxray.model.generate import generate
@@ -277,8 +276,7 @@ def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
     # they are rendered (rank 0 inline, else the preview actor), logged by rank 0.
     judge = None
     if cfg.validation.embedding_model and is_main and not ctx.preview_actor and cfg.sample.every:
-        judge = SubjectJudge(resolve_embedding_model(cfg.validation.embedding_model, cfg.storage_root), images,
-                             [has_trigger(p.prompt, trigger) for p in prompts])
+        judge = SubjectJudge.for_job(cfg, images, prompts, trigger)
     similarity = SimilarityLog(tracker)
 
     def previews(step: int, tensors) -> float:
@@ -419,40 +417,32 @@ def sample_previews(pipe, module, lora_params, tensors, names, prompts, texts, r
     """
     module.eval()
     mine = list(range(rank, len(prompts), world))
-    saved = None
-    with gathered(lora_params, stage, modifier_rank=0):
-        if tensors is not None:
-            saved = [p.detach().clone() for p in lora_params]
-            for p, n in zip(lora_params, names):
-                p.data.copy_(tensors[n].to(p.dtype))
     results = {}
-    pipe.vae.to(next(module.parameters()).device)
-    if tensors is None:
-        module.disable_adapters()
-    spare = 0
-    if stage == 3:
-        # ZeRO-3 gathers the base weights inside every forward, all ranks together: this rank pads
-        # its forwards (one per sampling step) up to the busiest rank's with a throw-away render.
-        steps = torch.tensor([sum(prompts[k].steps for k in mine)], device=next(module.parameters()).device)
-        torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)
-        spare = int(steps) - sum(prompts[k].steps for k in mine)
-    for k in mine:
-        p = prompts[k]
-        old = set_lora_scale(module, p.lora_scale)
-        results[k] = generate(pipe, texts[p.prompt], seed=p.seed, width=p.width, height=p.height, steps=p.steps,
-                              guidance=p.guidance)
-        restore_lora_scale(module, old)
-    if spare:
-        p = prompts[0]
-        generate(pipe, texts[p.prompt], seed=p.seed, width=p.width, height=p.height, steps=spare, guidance=p.guidance)
-    if tensors is None:
-        module.enable_adapters()
-    if pipe.vae.device.type == "cuda" and pipe.vae.encoder is None:  # back off the GPU (cached latents)
-        pipe.vae.to("cpu")
-    if saved is not None:
-        with gathered(lora_params, stage, modifier_rank=0):
-            for p, s in zip(lora_params, saved):
-                p.data.copy_(s)
+    with _holding(lora_params, None if tensors is None else [tensors[n] for n in names], stage):
+        pipe.vae.to(next(module.parameters()).device)
+        if tensors is None:
+            module.disable_adapters()
+        spare = 0
+        if stage == 3:
+            # ZeRO-3 gathers the base weights inside every forward, all ranks together: this rank pads
+            # its forwards (one per sampling step) up to the busiest rank's with a throw-away render.
+            steps = torch.tensor([sum(prompts[k].steps for k in mine)], device=next(module.parameters()).device)
+            torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)
+            spare = int(steps) - sum(prompts[k].steps for k in mine)
+        for k in mine:
+            p = prompts[k]
+            old = set_lora_scale(module, p.lora_scale)
+            results[k] = generate(pipe, texts[p.prompt], seed=p.seed, width=p.width, height=p.height, steps=p.steps,
+                                  guidance=p.guidance)
+            restore_lora_scale(module, old)
+        if spare:
+            p = prompts[0]
+            generate(pipe, texts[p.prompt], seed=p.seed, width=p.width, height=p.height, steps=spare,
+                     guidance=p.guidance)
+        if tensors is None:
+            module.enable_adapters()
+        if pipe.vae.device.type == "cuda" and pipe.vae.encoder is None:  # back off the GPU (cached latents)
+            pipe.vae.to("cpu")
     if world > 1:
         gathered_results = [None] * world if rank == 0 else None
         torch.distributed.gather_object(results, gathered_results, dst=0)

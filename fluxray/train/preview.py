@@ -171,16 +171,7 @@ class PreviewRenderer:
         self.prompts: list[SamplePrompt] = []
         self.texts: dict[str, PromptEmbeds] = {}
         self.render_seconds = 0.0
-        self.judge = None
-        if cfg.validation.embedding_model:
-            from fluxray.advise.similarity import SubjectJudge, resolve_embedding_model
-            from fluxray.data.captions import has_trigger
-            from fluxray.data.prepare import read_prepared
-
-            trigger = cfg.dataset.trigger_word  # set by `resolve_job` from the prepared dataset
-            self.judge = SubjectJudge(resolve_embedding_model(cfg.validation.embedding_model, cfg.storage_root),
-                                      [path for path, _ in read_prepared(Path(cfg.dataset.path)).items],
-                                      [has_trigger(p.prompt, trigger) for p in cfg.sample_prompts(trigger)])
+        self.cfg, self.judge = cfg, None
         self.scores: list[tuple[int, float]] = []  # (step, similarity) not yet taken by rank 0
         self._failed: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="previews", daemon=True)
@@ -188,6 +179,13 @@ class PreviewRenderer:
     def start(self, prompts: list[SamplePrompt], texts: dict[str, PromptEmbeds]) -> None:
         """The resolved prompts and their embeddings (rank 0's text cache); rendering starts."""
         self.prompts, self.texts = prompts, texts
+        if self.cfg.validation.embedding_model:
+            from fluxray.advise.similarity import SubjectJudge
+            from fluxray.data.prepare import read_prepared
+
+            dataset = read_prepared(Path(self.cfg.dataset.path))
+            self.judge = SubjectJudge.for_job(self.cfg, [path for path, _ in dataset.items], prompts,
+                                              self.cfg.dataset.trigger_word or dataset.info.trigger_word)
         self._thread.start()
 
     def submit(self, step: int, lora_path: str | None) -> None:
