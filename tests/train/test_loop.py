@@ -167,3 +167,20 @@ def test_previews_are_scored_against_the_training_images(tiny_config):
         assert -1.0 <= value <= 1.0
     status = json.loads((run / "status.json").read_text())
     assert status["similarity"].startswith("sample similarity to the training images:") and "step 4" in status["similarity"]
+
+
+def test_the_validation_loss_is_the_loss_of_the_ema_the_file_holds(tiny_config, tmp_path):
+    """EMA does not change training, only what is saved: the same run with EMA on and off trains the
+    same live weights, so a validation of the live weights would log the same losses. It logs the
+    loss of the EMA instead, equal at step 0 (EMA = the initial weights) and apart once it lags."""
+    def val_losses(ema: str, root) -> dict[int, float]:
+        cfg = tiny_config("distributed.workers=1", "train.steps=6", "sample.every=0", "save.every=6",
+                          "validation.every=6", f"train.ema={ema}", "train.ema_decay=0.9", root=root)
+        run_job(cfg, local=True)
+        return {r["step"]: r["val_loss"] for r in read_metrics(cfg.storage_root / "runs" / cfg.save.name)
+                if "val_loss" in r}
+
+    with_ema, live = val_losses("true", tmp_path / "ema"), val_losses("false", tmp_path / "live")
+    assert sorted(with_ema) == sorted(live) == [0, 6]
+    assert with_ema[0] == live[0]
+    assert abs(with_ema[6] - live[6]) > 1e-6
