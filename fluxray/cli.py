@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mlflow", help="browse the local MLflow store (mlflow server), or `sync` a run's pending calls")
     p.add_argument("action", nargs="?", choices=("server", "sync"), default="server",
                    help="server (default): start `mlflow server` on <storage.root>/mlflow; sync: send what a "
-                        "tracking outage left in <run>/mlflow-pending.jsonl")
+                        "tracking outage left in <run>/mlflow-pending*.jsonl")
     _add_config_args(p)
     p.add_argument("--run", help="sync: the run name (save.name)")
     p.add_argument("--host", default="127.0.0.1")

@@ -74,6 +74,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def free_port():
+    """`free_port()` -> a TCP port nothing listens on right now (for a server to start, or a dead address)."""
+    return _free_port
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A real local Ray cluster started with `ray start --head`; yields its GCS address.

@@ -2,7 +2,6 @@
 nothing listens, model folders, the disk), and the exit code of the command."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +12,6 @@ from fluxray.advise.doctor import (Check, check_dataset, check_disk, check_gpus,
                                    format_checks)
 
 REPO = Path(__file__).resolve().parent.parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_model_check_knows_tiny_folders_and_the_hf_cache(tiny_config, tmp_path, monkeypatch):
@@ -34,9 +27,9 @@ def test_model_check_knows_tiny_folders_and_the_hf_cache(tiny_config, tmp_path, 
     assert c.status == "warning" and "HF_TOKEN" in c.fix
 
 
-def test_mlflow_check_local_store_dead_server_and_file_store(tiny_config):
+def test_mlflow_check_local_store_dead_server_and_file_store(free_port, tiny_config):
     assert check_mlflow(tiny_config()).status == "ok"
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     c = check_mlflow(tiny_config(f"tracking.uri={dead}"), timeout=2)
     assert c.status == "warning" and dead in c.message and "keep their metrics on disk" in c.message
     assert check_mlflow(tiny_config("tracking.uri=file:///tmp/mlruns")).status == "fatal"
@@ -51,8 +44,8 @@ def test_disk_gpu_and_dataset_checks(tiny_config, tmp_path):
     assert check_dataset(tiny_config(f"dataset.path={tmp_path / 'gone'}")).status == "fatal"
 
 
-def test_ray_check_times_out_on_a_dead_address():
-    c = check_ray(f"127.0.0.1:{_free_port()}", timeout=5)
+def test_ray_check_times_out_on_a_dead_address(free_port):
+    c = check_ray(f"127.0.0.1:{free_port()}", timeout=5)
     assert c.status == "warning" and ("did not answer" in c.message or "cannot connect" in c.message)
 
 
@@ -62,12 +55,12 @@ def test_ray_check_reaches_a_running_cluster(ray_cluster):
     assert c.status == "ok" and "1 node(s), 4 CPUs" in c.message
 
 
-def test_report_and_exit_code(tiny_config, tmp_path):
+def test_report_and_exit_code(free_port, tiny_config, tmp_path):
     text = format_checks([Check("disk", "ok", "9 GiB free"), Check("model", "fatal", "bad", "fix it")])
     assert "fix: fix it" in text and text.endswith("1 fatal problem(s)")
     fluxray = str(Path(sys.executable).parent / "fluxray")
     env = dict(os.environ)
-    env["RAY_ADDRESS"] = f"127.0.0.1:{_free_port()}"  # nothing listens: the probe fails fast or times out
+    env["RAY_ADDRESS"] = f"127.0.0.1:{free_port()}"  # nothing listens: the probe fails fast or times out
     args = [fluxray, "doctor", "--config", "configs/tiny.yaml", "--set", f"storage.root={tmp_path}", "--ray-timeout", "3"]
     r = subprocess.run(args + ["--set", f"model.path={tmp_path}"], capture_output=True, text=True, cwd=REPO, env=env,
                        timeout=300)

@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,19 +21,13 @@ from fluxray.cli import main as cli
 from fluxray.config import load_config
 from fluxray.data.prepare import read_prepared
 from fluxray.track.local import read_metrics
-from fluxray.track.mlflow_run import (PENDING_FILE, MlflowRun, job_params, ray_job_id, start_job_run,
-                                      tracking_uri)
+from fluxray.track.mlflow_run import (PENDING_FILE, PREVIEW_PENDING_FILE, MlflowRun, job_params, ray_job_id,
+                                      start_job_run, tracking_uri)
 from fluxray.track.tracker import Tracker
 from fluxray.train.job import run_job
 
 TRAIN_METRICS = ("loss", "lr", "grad_norm", "step_time", "images_per_sec")
 TWO_PROMPTS = 'sample.prompts=["[trigger], portrait photo", "[trigger] in a park"]'
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _the_run(client: MlflowClient, cfg):
@@ -93,8 +86,8 @@ def test_one_run_per_job_with_the_config_as_params_and_identity_tags(tiny_config
     assert len(client.get_run(start_job_run(long)).data.params["sample.prompts"]) == 6000
 
 
-def test_start_gives_up_quickly_when_nothing_listens(tiny_config, caplog):
-    cfg = tiny_config(f"tracking.uri=http://127.0.0.1:{_free_port()}")
+def test_start_gives_up_quickly_when_nothing_listens(free_port, tiny_config, caplog):
+    cfg = tiny_config(f"tracking.uri=http://127.0.0.1:{free_port()}")
     t = time.time()
     with caplog.at_level(logging.WARNING, logger="fluxray.mlflow"):
         assert start_job_run(cfg) is None
@@ -121,8 +114,9 @@ def _start_server(root, port: int) -> subprocess.Popen:
             time.sleep(0.5)
 
 
-def test_calls_wait_on_disk_through_an_outage_and_go_out_when_the_server_is_back(tiny_config, tmp_path, caplog):
-    port = _free_port()
+def test_calls_wait_on_disk_through_an_outage_and_go_out_when_the_server_is_back(free_port, tiny_config, tmp_path,
+                                                                                 caplog):
+    port = free_port()
     cfg = tiny_config(f"tracking.uri=http://127.0.0.1:{port}", "tracking.register_model=pxco-lora")
     run_dir = cfg.storage_root / "runs" / cfg.save.name
     pending = run_dir / PENDING_FILE
@@ -165,8 +159,8 @@ def test_calls_wait_on_disk_through_an_outage_and_go_out_when_the_server_is_back
 
 
 @pytest.mark.slow
-def test_training_goes_on_when_mlflow_is_down_and_sync_uploads_it_later(tiny_config, caplog):
-    cfg = tiny_config(f"tracking.uri=http://127.0.0.1:{_free_port()}", "train.steps=2", "save.every=2",
+def test_training_goes_on_when_mlflow_is_down_and_sync_uploads_it_later(free_port, tiny_config, caplog):
+    cfg = tiny_config(f"tracking.uri=http://127.0.0.1:{free_port()}", "train.steps=2", "save.every=2",
                       "sample.every=2", "sample.steps=2", 'sample.prompts=["[trigger], portrait photo"]',
                       "distributed.workers=1")
     with caplog.at_level(logging.WARNING, logger="fluxray.mlflow"):
@@ -186,19 +180,27 @@ def test_training_goes_on_when_mlflow_is_down_and_sync_uploads_it_later(tiny_con
     assert (cfg.storage_root / "loras" / "test-run.safetensors").exists()
     ops = [json.loads(line) for line in (run_dir / PENDING_FILE).read_text().splitlines()]
     assert all(os.path.exists(op["path"]) for op in ops if "path" in op)
+    # A preview actor's image in the same outage waits in the actor's own spool.
+    from fluxray.track import make_tracker
+
+    actor = make_tracker(cfg, None, previews=True)
+    actor.log_image(Image.new("RGB", (16, 16), "red"), "sample_0", 4)
+    actor.close()
+    assert (run_dir / PREVIEW_PENDING_FILE).exists()
 
     # Later, into a store that answers: the whole run arrives.
     uri = f"sqlite:///{cfg.storage_root / 'mlflow' / 'mlflow.db'}"
     assert cli(["mlflow", "sync", "--run", "test-run", "--set", f"storage.root={cfg.storage_root}",
                 "--set", f"tracking.uri={uri}"]) == 0
-    assert not (run_dir / PENDING_FILE).exists()
+    assert not (run_dir / PENDING_FILE).exists() and not (run_dir / PREVIEW_PENDING_FILE).exists()
     client = MlflowClient(uri)
     run = _the_run(client, cfg)
     assert run.data.params["train.steps"] == "2"
     for key in TRAIN_METRICS:
         assert _steps(client, run.info.run_id, key) == [1, 2]
     assert _steps(client, run.info.run_id, "val_loss") == [0, 2]
-    assert _images(client, run.info.run_id) == {(k, s): 1 for k in ("sample_0", "grid") for s in (0, 2)}
+    assert _images(client, run.info.run_id) == {**{(k, s): 1 for k in ("sample_0", "grid") for s in (0, 2)},
+                                                ("sample_0", 4): 1}
     assert [a.path for a in client.list_artifacts(run.info.run_id, "lora")] == ["lora/test-run.safetensors"]
 
 
