@@ -43,12 +43,15 @@ def _cfg(root: Path, model: Path, dataset: Path, name: str, *overrides: str):
         *overrides])
 
 
-def _steady_seconds_per_step(run_dir: Path, skip: int) -> float:
-    """Median wall time between consecutive logged steps, after `skip` warm-up steps."""
+def _steady_seconds_per_step(run_dir: Path, skip: int, key: str | None = None) -> float:
+    """Median wall time between consecutive logged steps, after `skip` warm-up steps; with `key`,
+    the median of that metric instead (`step_time`: the loop's own timing of the step)."""
     from fluxray.track.local import read_metrics
 
-    stamps = [(m["step"], m["time"]) for m in read_metrics(run_dir) if "loss" in m]
-    stamps = [t for s, t in stamps if s > skip]
+    rows = [m for m in read_metrics(run_dir) if "loss" in m and m["step"] > skip]
+    if key:
+        return statistics.median(m[key] for m in rows)
+    stamps = [m["time"] for m in rows]
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return statistics.median(gaps)
 
@@ -95,9 +98,9 @@ def _bare_loop(model: Path, dataset: Path, root: Path, steps: int, skip: int, re
 
 
 def bench_overhead(ctx) -> dict:
-    from fluxray.train.job import run_job
-
     import torch
+
+    from fluxray.train.job import run_job
 
     steps, skip = ctx.steps, ctx.skip
     # Same CPU threads on both sides: Ray gives a worker OMP_NUM_THREADS = its reserved CPUs.
@@ -105,19 +108,25 @@ def bench_overhead(ctx) -> dict:
     cfg = _cfg(ctx.root, ctx.small_model, ctx.dataset, "bench-a", f"train.steps={steps}", "sample.every=0",
                f"save.every={steps}", f"validation.every={steps}", "distributed.workers=1",
                f"distributed.cpus_per_worker={threads}", f"dataset.resolutions=[{ctx.res}]", "train.ema=true")
-    run_job(cfg, local=False)
-    fluxray = _steady_seconds_per_step(ctx.root / "runs" / "bench-a", skip)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        bare = _bare_loop(ctx.small_model, ctx.dataset, ctx.root, steps, skip, ctx.res)
+        # The bare loop before and after the others, averaged: a shared machine drifts in speed.
+        bare_before = _bare_loop(ctx.small_model, ctx.dataset, ctx.root, steps, skip, ctx.res)
+        run_job(cfg, local=False)
         # The same loop without Ray (`--local`): splits the overhead into fluxray's and Ray Train's.
         run_job(cfg.model_copy(update={"save": cfg.save.model_copy(update={"name": "bench-a-local"})}), local=True)
-        local = _steady_seconds_per_step(ctx.root / "runs" / "bench-a-local", skip)
+        bare_after = _bare_loop(ctx.small_model, ctx.dataset, ctx.root, steps, skip, ctx.res)
     finally:
         torch.set_num_threads(before)
-    return {"bare_s_per_step": bare, "fluxray_s_per_step": fluxray, "overhead_ratio": fluxray / bare,
-            "fluxray_local_s_per_step": local, "local_overhead_ratio": local / bare, "threads": threads}
+    bare = (bare_before + bare_after) / 2
+    fluxray = _steady_seconds_per_step(ctx.root / "runs" / "bench-a", skip)
+    local = _steady_seconds_per_step(ctx.root / "runs" / "bench-a-local", skip)
+    # The step as the worker times it: tells a slow step from slow bookkeeping between steps.
+    step_time = _steady_seconds_per_step(ctx.root / "runs" / "bench-a", skip, "step_time")
+    return {"bare_s_per_step": bare, "bare_before_after": [bare_before, bare_after], "fluxray_s_per_step": fluxray,
+            "overhead_ratio": fluxray / bare, "fluxray_step_time_s": step_time, "fluxray_local_s_per_step": local,
+            "local_overhead_ratio": local / bare, "threads": threads}
 
 
 def bench_caches(ctx) -> dict:
