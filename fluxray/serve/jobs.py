@@ -22,7 +22,7 @@ from pydantic import BaseModel
 import fluxray
 from fluxray.config import JobConfig, build_config, dump_config, load_config, parse_yaml_text
 from fluxray.errors import FluxrayError
-from fluxray.track.local import read_metrics
+from fluxray.track.local import SAMPLE_FILE, RunRecord, read_metrics
 
 #: The page's simple settings and the config key each one sets (the config holds the defaults).
 SIMPLE_SETTINGS = {
@@ -35,7 +35,6 @@ SIMPLE_SETTINGS = {
     "sample_prompts": "sample.prompts",
 }
 FINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
-_SAMPLE_FILE = re.compile(r"^step(\d{6,})-([A-Za-z0-9_]+)\.png$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -287,13 +286,9 @@ class JobService:
     def _samples(run: Path, url: str) -> list[dict]:
         """Preview files by step: `[{step, images: [url per prompt], grid: url}]`."""
         by_step: dict[int, dict] = {}
-        folder = run / "samples"
-        for path in sorted(folder.glob("step*.png")) if folder.is_dir() else []:
-            m = _SAMPLE_FILE.match(path.name)
-            if not m:
-                continue
-            entry = by_step.setdefault(int(m.group(1)), {"step": int(m.group(1)), "images": [], "grid": None})
-            if m.group(2) == "grid":
+        for step, key, path in RunRecord(run).samples() if (run / "samples").is_dir() else []:
+            entry = by_step.setdefault(step, {"step": step, "images": [], "grid": None})
+            if key == "grid":
                 entry["grid"] = url + path.name
             else:
                 entry["images"].append(url + path.name)
@@ -302,7 +297,7 @@ class JobService:
     def sample_file(self, job_id: str, name: str) -> Path:
         rec = self.record(job_id)
         path = self.root / "runs" / rec.run_name / "samples" / name
-        if not _SAMPLE_FILE.match(name) or not path.is_file():
+        if not SAMPLE_FILE.match(name) or not path.is_file():
             raise JobNotFound(f"job {job_id!r} has no sample {name!r}")
         return path
 

@@ -7,8 +7,12 @@ here, and it is the copy that survives a tracking outage.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
+
+#: A preview file's name: `step000050-sample_0.png`, `step000050-grid.png`.
+SAMPLE_FILE = re.compile(r"^step(\d{6,})-([A-Za-z0-9_]+)\.png$")
 
 
 class RunRecord:
@@ -24,6 +28,15 @@ class RunRecord:
 
     def sample_path(self, key: str, step: int) -> Path:
         return self.dir / "samples" / f"step{step:06d}-{key}.png"
+
+    def samples(self) -> list[tuple[int, str, Path]]:
+        """(step, key, file) of every complete preview image, by step then key."""
+        out = []
+        for path in sorted((self.dir / "samples").glob("step*.png")):
+            m = SAMPLE_FILE.match(path.name)
+            if m:
+                out.append((int(m.group(1)), m.group(2), path))
+        return out
 
     def save_image(self, image, key: str, step: int) -> Path:
         path = self.sample_path(key, step)

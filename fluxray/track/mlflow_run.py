@@ -25,6 +25,9 @@ RUN_NAME_TAG = "fluxray.run_name"
 PENDING_FILE = "mlflow-pending.jsonl"
 #: The preview actor's own spool: two processes never append to (or replay) one file.
 PREVIEW_PENDING_FILE = "mlflow-pending-previews.jsonl"
+#: The previews MLflow has been given (sent or spooled): a process killed between saving a
+#: preview and sending it leaves a PNG that is not here, and the driver sends it at job end.
+IMAGES_SENT_FILE = "mlflow-images.jsonl"
 #: While MLflow is unreachable, calls go straight to the spool; it is retried after this
 #: long, then twice as long each failure up to the cap (a black-holed host costs ~35 s a try).
 RETRY_SECONDS = 60.0
@@ -158,8 +161,30 @@ def start_job_run(cfg: JobConfig) -> str | None:
         return None
 
 
+def spool_unsent_images(run_dir: Path) -> int:
+    """Put each preview PNG that MLflow was never given into the preview spool; returns how many.
+
+    A worker (or preview actor) killed after saving a preview and before sending it leaves
+    such a file: its resumed run sees the PNG and skips the step. Only for a run no process
+    writes to any more (the driver at job end, `fluxray mlflow sync`).
+    """
+    from fluxray.track.local import RunRecord
+
+    given = {(r["key"], r["step"]) for r in read_jsonl(run_dir / IMAGES_SENT_FILE)}
+    missing = [(step, key, path) for step, key, path in RunRecord(run_dir).samples() if (key, step) not in given]
+    for step, key, path in missing:
+        _append_op(run_dir / PREVIEW_PENDING_FILE, {"op": "image", "path": str(path), "key": key, "step": step,
+                                                    "time": int(path.stat().st_mtime * 1000)})
+        _append_op(run_dir / IMAGES_SENT_FILE, {"key": key, "step": step})
+    if missing:
+        log.warning("MLflow: %d preview(s) saved but never sent (a process died before sending them): sending "
+                    "them now", len(missing))
+    return len(missing)
+
+
 def end_job_run(cfg: JobConfig, status: str = "FINISHED") -> None:
     """Driver, at job end: send what rank 0 could not, then mark the run finished or failed."""
+    spool_unsent_images(cfg.storage_root / "runs" / cfg.save.name)
     for name in (PREVIEW_PENDING_FILE, PENDING_FILE):  # the run's own spool last: it may open the run
         pending = cfg.storage_root / "runs" / cfg.save.name / name
         waiting = len(read_jsonl(pending))
@@ -185,6 +210,7 @@ def sync_run(cfg: JobConfig) -> tuple[str, int]:
     `cfg` is the run's own resolved config; returns (run id, calls sent).
     """
     sent = 0
+    spool_unsent_images(cfg.storage_root / "runs" / cfg.save.name)
     for name in (PENDING_FILE, PREVIEW_PENDING_FILE):
         pending = cfg.storage_root / "runs" / cfg.save.name / name
         n = len(read_jsonl(pending))
@@ -279,6 +305,11 @@ class MlflowRun:
         return True
 
     def _send(self, op: dict) -> None:
+        self._deliver(op)
+        if op["op"] == "image":  # sent, spooled or rejected: either way, not to be sent again
+            _append_op(self.pending.parent / IMAGES_SENT_FILE, {"key": op["key"], "step": op["step"]})
+
+    def _deliver(self, op: dict) -> None:
         if (self.down or self.run_id is None or self.pending.exists()) and not self._reconnect():
             _append_op(self.pending, op)
             return

@@ -20,9 +20,9 @@ from PIL import Image
 from fluxray.cli import main as cli
 from fluxray.config import load_config
 from fluxray.data.prepare import read_prepared
-from fluxray.track.local import read_metrics
-from fluxray.track.mlflow_run import (PENDING_FILE, PREVIEW_PENDING_FILE, MlflowRun, job_params, ray_job_id,
-                                      start_job_run, tracking_uri)
+from fluxray.track.local import RunRecord, read_metrics
+from fluxray.track.mlflow_run import (PENDING_FILE, PREVIEW_PENDING_FILE, MlflowRun, end_job_run, job_params,
+                                      ray_job_id, start_job_run, tracking_uri)
 from fluxray.track.tracker import Tracker
 from fluxray.train.job import run_job
 
@@ -93,6 +93,26 @@ def test_start_gives_up_quickly_when_nothing_listens(free_port, tiny_config, cap
         assert start_job_run(cfg) is None
     assert time.time() - t < 30
     assert len(_lost_lines(caplog)) == 1
+
+
+def test_a_preview_saved_but_never_sent_reaches_mlflow_at_job_end_once(tiny_config, caplog):
+    # A process killed between saving a preview and its (background) MLflow send leaves a PNG the
+    # resumed run skips; the driver sends it at job end, and a second end sends nothing twice.
+    cfg = tiny_config()
+    run_id = start_job_run(cfg)
+    run_dir = cfg.storage_root / "runs" / cfg.save.name
+    tracker = Tracker(run_dir, MlflowRun(cfg, run_id, run_dir / PENDING_FILE))
+    tracker.log_image(Image.new("RGB", (16, 16), "red"), "sample_0", 0)
+    tracker.close()
+    RunRecord(run_dir).save_image(Image.new("RGB", (16, 16), "blue"), "grid", 0)  # the killed process's
+    client = MlflowClient(tracking_uri(cfg))
+    assert _images(client, run_id) == {("sample_0", 0): 1}
+    with caplog.at_level(logging.WARNING, logger="fluxray.mlflow"):
+        end_job_run(cfg)
+    assert any("1 preview(s) saved but never sent" in r.getMessage() for r in caplog.records)
+    end_job_run(cfg)
+    assert _images(client, run_id) == {("sample_0", 0): 1, ("grid", 0): 1}
+    assert not (run_dir / PREVIEW_PENDING_FILE).exists()
 
 
 # -- outages --------------------------------------------------------------------------------
