@@ -108,25 +108,37 @@ def bench_overhead(ctx) -> dict:
     cfg = _cfg(ctx.root, ctx.small_model, ctx.dataset, "bench-a", f"train.steps={steps}", "sample.every=0",
                f"save.every={steps}", f"validation.every={steps}", "distributed.workers=1",
                f"distributed.cpus_per_worker={threads}", f"dataset.resolutions=[{ctx.res}]", "train.ema=true")
+
+    def named(name: str):
+        return cfg.model_copy(update={"save": cfg.save.model_copy(update={"name": name})})
+
+    # A shared machine drifts in speed by more than the overhead to be measured, so the sides
+    # alternate: bare, fluxray, bare, fluxray, ..., bare; each fluxray run is judged against the
+    # mean of the bare loops just before and just after it, and the rounds' median is the result.
+    rounds = 1 if ctx.quick else 3
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    bare, ray_runs, local_runs, step_times = [], [], [], []
     try:
-        # The bare loop before and after the others, averaged: a shared machine drifts in speed.
-        bare_before = _bare_loop(ctx.small_model, ctx.dataset, ctx.root, steps, skip, ctx.res)
-        run_job(cfg, local=False)
-        # The same loop without Ray (`--local`): splits the overhead into fluxray's and Ray Train's.
-        run_job(cfg.model_copy(update={"save": cfg.save.model_copy(update={"name": "bench-a-local"})}), local=True)
-        bare_after = _bare_loop(ctx.small_model, ctx.dataset, ctx.root, steps, skip, ctx.res)
+        bare.append(_bare_loop(ctx.small_model, ctx.dataset, ctx.root, steps, skip, ctx.res))
+        for r in range(rounds):
+            run_job(named(f"bench-a-{r}"), local=False)
+            # The same loop without Ray (`--local`): splits the overhead into fluxray's and Ray Train's.
+            run_job(named(f"bench-a-local-{r}"), local=True)
+            bare.append(_bare_loop(ctx.small_model, ctx.dataset, ctx.root, steps, skip, ctx.res))
+            ray_runs.append(_steady_seconds_per_step(ctx.root / "runs" / f"bench-a-{r}", skip))
+            local_runs.append(_steady_seconds_per_step(ctx.root / "runs" / f"bench-a-local-{r}", skip))
+            # The step as the worker times it: tells a slow step from slow bookkeeping between steps.
+            step_times.append(_steady_seconds_per_step(ctx.root / "runs" / f"bench-a-{r}", skip, "step_time"))
     finally:
         torch.set_num_threads(before)
-    bare = (bare_before + bare_after) / 2
-    fluxray = _steady_seconds_per_step(ctx.root / "runs" / "bench-a", skip)
-    local = _steady_seconds_per_step(ctx.root / "runs" / "bench-a-local", skip)
-    # The step as the worker times it: tells a slow step from slow bookkeeping between steps.
-    step_time = _steady_seconds_per_step(ctx.root / "runs" / "bench-a", skip, "step_time")
-    return {"bare_s_per_step": bare, "bare_before_after": [bare_before, bare_after], "fluxray_s_per_step": fluxray,
-            "overhead_ratio": fluxray / bare, "fluxray_step_time_s": step_time, "fluxray_local_s_per_step": local,
-            "local_overhead_ratio": local / bare, "threads": threads}
+    floor = [(a + b) / 2 for a, b in zip(bare, bare[1:])]
+    ratios = [f / b for f, b in zip(ray_runs, floor)]
+    local_ratios = [f / b for f, b in zip(local_runs, floor)]
+    return {"overhead_ratio": statistics.median(ratios), "overhead_ratios": ratios,
+            "local_overhead_ratio": statistics.median(local_ratios), "local_overhead_ratios": local_ratios,
+            "bare_s_per_step": bare, "fluxray_s_per_step": ray_runs, "fluxray_step_time_s": step_times,
+            "fluxray_local_s_per_step": local_runs, "threads": threads, "rounds": rounds}
 
 
 def bench_caches(ctx) -> dict:
