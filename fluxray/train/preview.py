@@ -67,8 +67,12 @@ class SimilarityLog:
     trend's sentence in the run status (the job page shows it)."""
 
     def __init__(self, tracker):
+        from fluxray.track.local import read_metrics
+
         self.tracker = tracker
-        self.points: list[tuple[int, float]] = []
+        # A resumed run's trend starts from the scores logged before the crash, not from nothing.
+        self.points: dict[int, float] = {} if tracker is None else {
+            r["step"]: r["sample_similarity"] for r in read_metrics(tracker.record.dir) if "sample_similarity" in r}
         self._pending = None  # an unanswered `take_scores` call to the preview actor
 
     def add(self, scores: list[tuple[int, float]]) -> None:
@@ -77,9 +81,9 @@ class SimilarityLog:
         if not scores or self.tracker is None:
             return
         for step, value in scores:
-            self.points.append((step, value))
+            self.points.setdefault(step, value)  # a step scored again after a resume keeps its logged score
             self.tracker.log_metrics({"sample_similarity": value}, step)
-        self.tracker.status(similarity=similarity_trend(sorted(self.points)).message)
+        self.tracker.status(similarity=similarity_trend(sorted(self.points.items())).message)
 
     def poll(self, renderer) -> None:
         """Take the actor's new scores without waiting for it."""

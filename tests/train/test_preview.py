@@ -15,7 +15,9 @@ from fluxray.track.local import read_metrics
 from fluxray.track.mlflow_run import find_run, tracking_uri
 from fluxray.train.job import run_job
 from fluxray.train.loop import RunPaths
-from fluxray.train.preview import PreviewQueue, PreviewRenderer, unlogged_previews, use_preview_actor
+from fluxray.track.tracker import Tracker
+from fluxray.train.preview import (PreviewQueue, PreviewRenderer, SimilarityLog, unlogged_previews,
+                                    use_preview_actor)
 
 ROOMY = {"CPU": 8.0, "GPU": 4.0}
 
@@ -79,6 +81,17 @@ def test_a_resumed_job_queues_the_previews_its_lost_actor_did_not_log(tmp_path):
     # Step 8 is past the checkpoint it resumes from; step 6's grid never came.
     assert unlogged_previews(paths.run_dir, 6, 2, paths.step_lora) == [(2, str(paths.step_lora(2))),
                                                                          (6, str(paths.step_lora(6)))]
+
+
+def test_a_resumed_run_judges_the_similarity_trend_on_the_scores_logged_before_the_crash(tmp_path):
+    before = SimilarityLog(Tracker(tmp_path))
+    before.add([(0, 0.50), (50, 0.80)])
+    resumed = SimilarityLog(Tracker(tmp_path))  # the process died; its run record stays
+    resumed.add([(50, 0.10), (100, 0.70)])  # step 50 is scored again after the resume: the logged score stays
+    assert resumed.points == {0: 0.50, 50: 0.80, 100: 0.70}
+    assert [(r["step"], r["sample_similarity"]) for r in read_metrics(tmp_path)] == [(0, 0.5), (50, 0.8), (100, 0.7)]
+    status = (tmp_path / "status.json").read_text()
+    assert "0.70 at step 100 (best 0.80 at step 50)" in status
 
 
 def test_a_failed_render_fails_finish(tiny_config):
