@@ -6,6 +6,7 @@ the generation deployment behind it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from pathlib import Path
@@ -56,6 +57,7 @@ class ServiceConfig(BaseModel):
     generation_replicas: int = Field(1, ge=1, description="Replicas of the generation deployment.")
     generation_gpus: float | Literal["auto"] = Field("auto", description="GPUs per generation replica; `auto` is 1 when the cluster has GPUs.")
     generation_queue: int = Field(8, ge=1, description="Generate requests queued per caller before the API answers 503.")
+    generation_timeout_s: float = Field(600.0, gt=0, description="Seconds a generate request may wait and render before the API cancels it and answers 503.")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -294,8 +296,15 @@ class Api:
         self.generator = generator
 
     async def render(self, lora_id: str | None, params: dict) -> bytes:
+        response = self.generator.options(multiplexed_model_id=lora_id or "").render.remote(params)
+        timeout = self.settings.generation_timeout_s
         try:
-            return await self.generator.options(multiplexed_model_id=lora_id or "").render.remote(params)
+            # A hung or overloaded replica must not hold the caller (and an ingress slot) forever.
+            return await asyncio.wait_for(_awaited(response), timeout)
+        except asyncio.TimeoutError:
+            response.cancel()  # frees the replica's slot (or the queue place) for the next request
+            raise GenerationUnavailable(f"generate: no image after {timeout:g} s (generation_timeout_s); retry, or "
+                                        "ask for fewer steps or a smaller size") from None
         except BackPressureError:
             raise GenerationUnavailable("generate: the generation queue is full; retry later") from None
         except RayActorError:
@@ -305,6 +314,10 @@ class Api:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self.base, self.settings, self.render)
+
+
+async def _awaited(response):
+    return await response
 
 
 def build_app(args: dict[str, Any] | None = None):

@@ -102,3 +102,40 @@ def test_concurrent_renders_with_different_loras_do_not_mix(served, previews):
 def test_adapter_names_are_valid_peft_keys():
     names = {adapter_name(i) for i in ("pxco-1a2b", "pxco-1a2b@10", "pxco.v2@10", "pxco_v2@10")}
     assert len(names) == 4 and not any("." in n or "@" in n for n in names)
+
+
+def test_a_generate_that_takes_too_long_is_cancelled_and_answered_503():
+    """Unit test of the ingress's `render` with a stand-in for the generation deployment whose
+    replica never answers: the caller gets a GenerationUnavailable (503) naming the setting, and
+    the request is cancelled so its replica slot frees."""
+    import asyncio
+
+    from types import SimpleNamespace
+
+    from fluxray.serve.app import Api, GenerationUnavailable, ServiceConfig
+
+    class HungResponse:
+        cancelled = False
+
+        def __await__(self):
+            return asyncio.get_running_loop().create_future().__await__()  # never set
+
+        def cancel(self):
+            HungResponse.cancelled = True
+
+    class HungGenerator:
+        def options(self, **_):
+            return self
+
+        @property
+        def render(self):
+            return self
+
+        def remote(self, params):
+            return HungResponse()
+
+    # The method alone, on the two attributes it reads: Serve's ingress wrapper needs a running Serve.
+    api = SimpleNamespace(generator=HungGenerator(), settings=ServiceConfig(generation_timeout_s=0.2))
+    with pytest.raises(GenerationUnavailable, match=r"no image after 0\.2 s \(generation_timeout_s\)"):
+        asyncio.run(Api.func_or_class.render(api, None, {"prompt": "pxco"}))
+    assert HungResponse.cancelled
