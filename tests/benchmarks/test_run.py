@@ -23,4 +23,7 @@ def test_benchmarks_run_to_the_end_in_quick_mode(ray_cluster, tmp_path):
     assert len(res["c"]["zero3_fraction"]) == 2
     assert res["d"]["submit_to_first_step_s"] > 0
     assert 0 < res["e"]["sample_share"] < 1
-    assert "skipped" in res["f"] or res["f"]["1024"]["s_per_step"] > 0
+    # Without a GPU, (f)'s measurement runs on the tiny transformer on CPU instead.
+    f = res["f"]["cpu_dry_run"] if "skipped" in res["f"] else res["f"]
+    assert all(f[r]["s_per_step"] > 0 and f[r]["tflop_per_step"] > 0 for r in f if r.isdigit()), f
+    assert any(r.isdigit() for r in f), f
