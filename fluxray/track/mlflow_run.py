@@ -182,14 +182,18 @@ def spool_unsent_images(run_dir: Path) -> int:
     return len(missing)
 
 
+def _waiting_spools(cfg: JobConfig) -> list[tuple[Path, int]]:
+    """(spool, calls in it) of a run no process writes to any more: the run's own spool, always (its
+    flush opens the run), and the preview spool when it holds anything, saved-but-unsent previews included."""
+    run_dir = cfg.storage_root / "runs" / cfg.save.name
+    spool_unsent_images(run_dir)
+    spools = [(run_dir / name, len(read_jsonl(run_dir / name))) for name in (PENDING_FILE, PREVIEW_PENDING_FILE)]
+    return [(path, n) for path, n in spools if n or path.name == PENDING_FILE]
+
+
 def end_job_run(cfg: JobConfig, status: str = "FINISHED") -> None:
     """Driver, at job end: send what rank 0 could not, then mark the run finished or failed."""
-    spool_unsent_images(cfg.storage_root / "runs" / cfg.save.name)
-    for name in (PREVIEW_PENDING_FILE, PENDING_FILE):  # the run's own spool last: it may open the run
-        pending = cfg.storage_root / "runs" / cfg.save.name / name
-        waiting = len(read_jsonl(pending))
-        if name == PREVIEW_PENDING_FILE and not waiting:
-            continue
+    for pending, waiting in _waiting_spools(cfg):
         # A spool means the outage was reported already: only say where it waits.
         run = MlflowRun(cfg, None, pending, down=waiting > 0)
         if not run.flush():
@@ -210,12 +214,7 @@ def sync_run(cfg: JobConfig) -> tuple[str, int]:
     `cfg` is the run's own resolved config; returns (run id, calls sent).
     """
     sent = 0
-    spool_unsent_images(cfg.storage_root / "runs" / cfg.save.name)
-    for name in (PENDING_FILE, PREVIEW_PENDING_FILE):
-        pending = cfg.storage_root / "runs" / cfg.save.name / name
-        n = len(read_jsonl(pending))
-        if name == PREVIEW_PENDING_FILE and not n:
-            continue
+    for pending, n in _waiting_spools(cfg):
         run = MlflowRun(cfg, None, pending, down=True)
         if not run.flush():
             raise TrackingError(f"MLflow unreachable at {tracking_uri(cfg)}: {n} call(s) still wait in {pending}")
