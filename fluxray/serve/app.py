@@ -300,7 +300,7 @@ class Api:
         timeout = self.settings.generation_timeout_s
         try:
             # A hung or overloaded replica must not hold the caller (and an ingress slot) forever.
-            return await asyncio.wait_for(_awaited(response), timeout)
+            return await asyncio.wait_for(response, timeout)
         except asyncio.TimeoutError:
             response.cancel()  # frees the replica's slot (or the queue place) for the next request
             raise GenerationUnavailable(f"generate: no image after {timeout:g} s (generation_timeout_s); retry, or "
@@ -314,10 +314,6 @@ class Api:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self.base, self.settings, self.render)
-
-
-async def _awaited(response):
-    return await response
 
 
 def build_app(args: dict[str, Any] | None = None):
