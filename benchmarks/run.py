@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Ray 2.60 clusters want their token (~/.ray/auth_token); Ray reads this once, at import.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Ray 2.60 clusters want their token (~/.ray/auth_token, made here on a fresh machine); Ray
+# reads the auth mode once, at import.
+from fluxray.cluster import ensure_auth_token  # noqa: E402
+
+ensure_auth_token()
 
 
 def _cfg(root: Path, model: Path, dataset: Path, name: str, *overrides: str):
@@ -311,41 +313,6 @@ BENCHES = {"a": bench_overhead, "b": bench_caches, "c": bench_zero_memory, "d": 
            "e": bench_sampling_share, "f": bench_gpu_mfu}
 
 
-def _start_cluster(temp: Path) -> tuple[subprocess.Popen, str, str]:
-    import socket
-
-    def free():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    port, dash = free(), free()
-    temp.mkdir(parents=True, exist_ok=True)
-    log = open(temp / "ray-start.log", "w")
-    # Jobs run `python` from the cluster's PATH: make it this venv's, as an activated venv would.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-                             f"--port={port}", "--num-cpus=4", "--node-ip-address=127.0.0.1",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
-                             f"--temp-dir={temp}", "--include-dashboard=true"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, env=env)
-    from ray.job_submission import JobSubmissionClient
-
-    deadline = time.time() + 300
-    while True:
-        try:
-            client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
-            job = client.submit_job(entrypoint="python -c pass")
-            while not client.get_job_status(job).is_terminal():
-                time.sleep(0.5)
-            break
-        except Exception:
-            if time.time() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"the benchmark's Ray cluster did not come up; see {log.name}") from None
-            time.sleep(1)
-    return proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="reduced mode for CI: few steps, same code paths")
@@ -354,8 +321,6 @@ def main() -> int:
     ap.add_argument("--address", help="use this running Ray cluster (GCS address) instead of starting one")
     ap.add_argument("--dashboard", help="with --address: its dashboard URL (for `ray job submit`)")
     args = ap.parse_args()
-
-    import signal
 
     import ray
 
@@ -374,13 +339,16 @@ def main() -> int:
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
                "quick": args.quick}
     need_cluster = any(k in args.only for k in "acd") or ("e" in args.only and not args.quick)
-    proc = None
+    node = None
     try:
         if need_cluster and args.address:
             ctx.address, ctx.dashboard = args.address, args.dashboard
             ray.init(address=ctx.address, log_to_driver=False, configure_logging=False)
         elif need_cluster:
-            proc, ctx.address, ctx.dashboard = _start_cluster(Path("/tmp") / f"rb{os.getpid()}")
+            from fluxray.cluster import start_head
+
+            node = start_head(Path("/tmp") / f"rb{os.getpid()}")
+            ctx.address, ctx.dashboard = node.address, node.dashboard_url
             ray.init(address=ctx.address, log_to_driver=False, configure_logging=False)
         for key in args.only:
             t = time.time()
@@ -392,9 +360,8 @@ def main() -> int:
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
+        if node is not None:
+            node.stop()
     print(json.dumps(results, indent=1, default=str))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1, default=str))
