@@ -67,8 +67,18 @@ def load_captions(images_dir: Path, captions: Path | None = None) -> dict[str, s
     Returns `{}` when the folder holds no captions at all.
     """
     images_dir = Path(images_dir)
+    files = caption_files(images_dir, captions)
+    if captions is not None or (files and files[0].suffix.lower() != ".txt"):
+        return _read_caption_file(files[0], images_dir)
+    return _read_sidecars(images_dir, files)
+
+
+def caption_files(images_dir: Path, captions: Path | None = None) -> list[Path]:
+    """The files `load_captions` reads: `captions`, else the folder's caption file, else its
+    `.txt` sidecars (every `.txt` but `trigger.txt`)."""
+    images_dir = Path(images_dir)
     if captions is not None:
-        return _read_caption_file(Path(captions), images_dir)
+        return [Path(captions)]
     present = [images_dir / name for name in CAPTION_FILES if (images_dir / name).is_file()]
     if len(present) > 1:
         raise DatasetError(
@@ -76,8 +86,11 @@ def load_captions(images_dir: Path, captions: Path | None = None) -> dict[str, s
             "pass the one to use as `captions`"
         )
     if present:
-        return _read_caption_file(present[0], images_dir)
-    return _read_sidecars(images_dir)
+        return present
+    if not images_dir.is_dir():
+        raise DatasetError(f"images folder {images_dir} does not exist")
+    return sorted(p for p in images_dir.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() == ".txt" and p.name.lower() != TRIGGER_FILE)
 
 
 def _read_caption_file(path: Path, images_dir: Path) -> dict[str, str]:
@@ -134,19 +147,12 @@ def iter_metadata(path: Path, text: str | None = None) -> Iterator[tuple[str, st
         yield where, name, caption
 
 
-def _read_sidecars(images_dir: Path) -> dict[str, str]:
-    if not images_dir.is_dir():
-        raise DatasetError(f"images folder {images_dir} does not exist")
-    files = sorted(p for p in images_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+def _read_sidecars(images_dir: Path, sidecars: list[Path]) -> dict[str, str]:
     images_by_stem: dict[str, str] = {}
-    for p in files:
-        if p.suffix.lower() in IMAGE_SUFFIXES:
+    for p in sorted(images_dir.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES:
             images_by_stem.setdefault(p.stem, p.name)
-    out: dict[str, str] = {}
-    for p in files:
-        if p.suffix.lower() == ".txt" and p.name.lower() != TRIGGER_FILE:
-            out[images_by_stem.get(p.stem, p.name)] = _read_text(p)
-    return out
+    return {images_by_stem.get(p.stem, p.name): _read_text(p) for p in sidecars}
 
 
 def _read_text(path: Path) -> str:

@@ -23,8 +23,10 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from fluxray.data.captions import (
+    TRIGGER_FILE,
     TRIGGER_PLACEHOLDER,
     apply_trigger,
+    caption_files,
     iter_metadata,
     load_captions,
     normalize_trigger,
@@ -45,13 +47,13 @@ ProblemKind = Literal[
     "duplicate_name",  # same name as an earlier image once case and extension are ignored
     "empty_caption",  # the image trains on the trigger word alone
     "unsupported_file",  # a file or folder that is neither an image nor a caption file
+    "other_file",  # not an image by design: a caption file it read, trigger.txt, a hidden or system file
     "normalised",  # a documented change: EXIF rotation, transparency flattened, renamed, ...
 ]
 Severity = Literal["info", "warning", "error"]
 
 # Files and folders that uploads carry along and nobody means as data.
 _IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
-_CAPTION_SUFFIXES = (".txt", ".json", ".jsonl")
 _UNSAFE_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
 
 
@@ -154,7 +156,7 @@ def prepare_dataset(
     trigger = normalize_trigger(trigger_word)
     src, out = Path(images_dir), Path(out_dir)
     if not src.is_dir():
-        raise DatasetError(f"images folder {src} does not exist")
+        raise DatasetError(f"images folder {src} {'is a file, not a folder' if src.exists() else 'does not exist'}")
     _check_out_dir(src, out)
     caption_map = load_captions(src, captions)
     if not caption_map:
@@ -169,7 +171,8 @@ def prepare_dataset(
             severity = "error"
         report.problems.append(Problem(file_name=file_name, kind=kind, severity=severity, message=message))
 
-    candidates = _list_upload(src, problem)
+    candidates = _list_upload(src, problem, {p.name for p in caption_files(src, captions) if p.parent == src},
+                              trigger)
     matched, orphans = _match_captions([p.name for p in candidates], caption_map)
     for key in orphans:
         message = f"{key}: has a caption but there is no such image in {src}"
@@ -260,22 +263,31 @@ def _check_out_dir(src: Path, out: Path) -> None:
         raise DatasetError(f"out_dir {out} exists and is not a prepared dataset; refusing to overwrite it")
 
 
-def _list_upload(src: Path, problem) -> list[Path]:
-    """The image files in name order; reports anything else that is not a caption file."""
+def _list_upload(src: Path, problem, caption_names: set[str], trigger: str) -> list[Path]:
+    """The image files in name order; every other entry is reported with the reason it is not
+    used (`caption_names`: the caption files read)."""
     images = []
     for p in sorted(src.iterdir(), key=lambda p: p.name):
-        if p.name.startswith(".") or p.name in _IGNORED_NAMES:
-            continue
-        if p.is_dir():
+        if p.name in _IGNORED_NAMES:
+            problem(p.name, "other_file", f"{p.name}: a file the operating system adds; not used", "info")
+        elif p.name.startswith("."):
+            problem(p.name, "other_file", f"{p.name}: a hidden file; not used", "info")
+        elif p.name in caption_names:
+            problem(p.name, "other_file", f"{p.name}: read for the captions", "info")
+        elif p.name.lower() == TRIGGER_FILE:
+            problem(p.name, "other_file",
+                    f"{p.name}: the trigger word file, not an image (the trigger word is {trigger!r})", "info")
+        elif p.is_dir():
             problem(p.name, "unsupported_file", f"{p.name}/: a folder; only images at the top level are used")
         elif not p.is_file():  # opening a named pipe would block the prepare forever
             problem(p.name, "unsupported_file", f"{p.name}: not a regular file (a pipe, device or broken link); not used")
         elif p.suffix.lower() in IMAGE_SUFFIXES:
             images.append(p)
-        elif p.suffix.lower() not in _CAPTION_SUFFIXES:
+        else:
             problem(
                 p.name, "unsupported_file",
-                f"{p.name}: not a supported image type ({' '.join(IMAGE_SUFFIXES)}); not used",
+                f"{p.name}: not a supported image type ({' '.join(IMAGE_SUFFIXES)}) nor a caption file in use; "
+                "not used",
             )
     return images
 

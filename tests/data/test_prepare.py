@@ -53,6 +53,10 @@ def problems(report: PrepareReport) -> set[tuple[str, str, str]]:
     return {(p.file_name, p.kind, p.severity) for p in report.problems}
 
 
+#: The `upload` fixture's captions file and trigger.txt, in every report: each file is accounted for.
+UPLOAD_FILES = {("captions.json", "other_file", "info"), ("trigger.txt", "other_file", "info")}
+
+
 def test_bundled_sample(tmp_path):
     before = snapshot(SAMPLE)
     trigger = (SAMPLE / "trigger.txt").read_text().strip()
@@ -60,7 +64,7 @@ def test_bundled_sample(tmp_path):
     report = prepare_dataset(SAMPLE, trigger_word=trigger, out_dir=tmp_path / "ds")
 
     assert snapshot(SAMPLE) == before
-    assert trigger == "pxco" and report.problems == []
+    assert trigger == "pxco" and problems(report) == UPLOAD_FILES
     lines = [json.loads(line) for line in (tmp_path / "ds" / "metadata.jsonl").read_text().splitlines()]
     assert [x["file_name"] for x in lines] == [f"{i:04d}.png" for i in range(1, 19)]
     for line in lines:
@@ -102,6 +106,7 @@ def test_broken_upload_reports_every_file_and_fails_on_the_orphan_caption(upload
         ("notes.png", "not_an_image", "warning"),
         ("uncaptioned.png", "missing_caption", "warning"),
         ("ghost.png", "caption_without_image", "error"),
+        *UPLOAD_FILES,
     }
     assert "ghost.png" in e.value.report.format()
     assert not out.exists() and list(tmp_path.iterdir()) == [upload]  # no half dataset, no temp dir
@@ -111,7 +116,8 @@ def test_broken_upload_reports_every_file_and_fails_on_the_orphan_caption(upload
     before = snapshot(upload)
     report = prepare_dataset(upload, trigger_word="pxco", out_dir=out)
     assert [i.file_name for i in report.images] == ["0001.png", "0002.png", "0003.png", "0004.png"]
-    assert {p[0] for p in problems(report)} == {"corrupt.png", "notes.png", "uncaptioned.png"}
+    assert {p[0] for p in problems(report)} == {"corrupt.png", "notes.png", "uncaptioned.png", "captions.json",
+                                                  "trigger.txt"}
     assert all(name in report.format() for name in ("corrupt.png", "notes.png", "uncaptioned.png"))
     assert snapshot(upload) == before
     assert sorted(p.name for p in out.iterdir()) == [
@@ -123,7 +129,7 @@ def test_strict_makes_warnings_fatal(upload, tmp_path):
     Image.new("RGB", (16, 16)).save(upload / "uncaptioned.png")
     with pytest.raises(PrepareError, match=r"uncaptioned\.png") as e:
         prepare_dataset(upload, trigger_word="pxco", out_dir=tmp_path / "ds", strict=True)
-    assert problems(e.value.report) == {("uncaptioned.png", "missing_caption", "error")}
+    assert problems(e.value.report) == {("uncaptioned.png", "missing_caption", "error"), *UPLOAD_FILES}
     assert not (tmp_path / "ds").exists()
 
 
@@ -135,7 +141,8 @@ def test_normalisations_are_reported_and_applied(upload, tmp_path):
     Image.new("RGBA", (10, 10), (0, 0, 0, 0)).save(upload / "0006.png")
     set_captions(upload, **{"0005_JPG": "rotated", "0006_png": "clear"})
     report = prepare_dataset(upload, trigger_word="pxco", out_dir=tmp_path / "ds", strict=True)
-    assert problems(report) == {("0005.JPG", "normalised", "info"), ("0006.png", "normalised", "info")}
+    assert problems(report) == {("0005.JPG", "normalised", "info"), ("0006.png", "normalised", "info"),
+                                *UPLOAD_FILES}
     with Image.open(tmp_path / "ds" / "0005.png") as out:
         assert out.size == (10, 30) and out.mode == "RGB"
     with Image.open(tmp_path / "ds" / "0006.png") as out:
@@ -171,6 +178,7 @@ def test_duplicate_names_keep_the_first_with_a_caption(upload, tmp_path):
     assert problems(report) == {
         ("0001.PNG", "duplicate_name", "warning"),  # sorts first, but has no caption
         ("0002.png", "duplicate_name", "warning"),  # both captioned: "0002.jpg" sorts first
+        *UPLOAD_FILES,
     }
     assert {i.source for i in report.images} == {"0001.png", "0002.jpg", "0003.png", "0004.png"}
     assert report.images[1].text == "pxco, the jpeg"
@@ -182,6 +190,7 @@ def test_empty_caption_trains_on_the_trigger(upload, tmp_path):
     assert problems(report) == {
         ("0001.png", "empty_caption", "warning"),
         ("0002.png", "empty_caption", "warning"),
+        *UPLOAD_FILES,
     }
     assert [i.text for i in report.images[:2]] == ["pxco", "pxco"]
 
@@ -204,12 +213,36 @@ def test_sidecars_and_stem_keys(tmp_path):
     assert problems(report) == {
         ("cover.heic", "unsupported_file", "warning"),
         ("extra", "unsupported_file", "warning"),
+        ("a.txt", "other_file", "info"),  # every file is accounted for: the sidecars it read,
+        ("b.txt", "other_file", "info"),
+        (".DS_Store", "other_file", "info"),  # and the hidden file it skipped
     }
 
     captions = tmp_path / "by_stem.json"
     captions.write_text(json.dumps({"a": "one", "B.JPEG": "two"}))
     report = prepare_dataset(src, captions, trigger_word="pxco", out_dir=tmp_path / "ds2")
     assert [i.text for i in report.images] == ["pxco, one", "pxco, two"]
+    # The captions came from a file: the sidecars were not read, and the report says so.
+    assert {(p.file_name, p.kind) for p in report.problems if p.file_name.endswith(".txt")} == {
+        ("a.txt", "unsupported_file"), ("b.txt", "unsupported_file")}
+
+
+def test_report_accounts_for_every_file_it_did_not_use(upload, tmp_path):
+    (upload / "notes.txt").write_text("shoot on Tuesday")
+    (upload / ".hidden.png").write_bytes(b"x")
+    (upload / "Thumbs.db").write_bytes(b"x")
+    report = prepare_dataset(upload, trigger_word="pxco", out_dir=tmp_path / "ds")
+    assert len(report.images) == 4
+    assert problems(report) == {
+        ("notes.txt", "unsupported_file", "warning"),
+        *UPLOAD_FILES,
+        (".hidden.png", "other_file", "info"),
+        ("Thumbs.db", "other_file", "info"),
+    }
+    why = {p.file_name: p.message for p in report.problems}
+    assert "not used" in why["notes.txt"] and "read for the captions" in why["captions.json"]
+    assert "hidden" in why[".hidden.png"] and "'pxco'" in why["trigger.txt"]
+    assert "notes.txt" in report.format()
 
 
 def test_no_images_or_no_captions(tmp_path):
