@@ -7,7 +7,8 @@ Each subcommand is a `_cmd_<name>(args)` function plus one `add_parser` block in
 from __future__ import annotations
 
 import argparse
-import logging
+import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -205,10 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fluxray.logs import setup
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    setup(args.verbose, models=args.command == "train")
+    if args.command in ("train", "serve"):
+        # Before Ray is imported: it reads the auth mode once, and a fresh machine has no token yet.
+        from fluxray.cluster import ensure_auth_token
+
+        ensure_auth_token()
     try:
         return args.func(args)
     except FluxrayError as e:

@@ -182,3 +182,27 @@ def _wait_for_job_agent(node: LocalNode, deadline: float) -> None:
             time.sleep(1)
     while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         time.sleep(0.5)
+
+
+def connect(**init_kwargs) -> None:
+    """`ray.init` for a job driver: the running cluster (`$RAY_ADDRESS`, or the one `ray start`
+    left in Ray's temp dir, as `ray.init()` finds them), else a new local one.
+
+    A new local cluster gets a dashboard at a known address, given to its processes as
+    `RAY_API_SERVER_ADDRESS`: with other Ray clusters on the machine, Ray Train's helpers that
+    look the dashboard up otherwise fail ("Found multiple active Ray instances", a traceback
+    in the job's output). Nothing preempts a local node, so Ray Train's preemption watcher is off.
+    """
+    import ray
+    from ray._private.services import find_bootstrap_address
+
+    ensure_auth_token()
+    if os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None):
+        ray.init(**init_kwargs)
+        return
+    dash = free_port()
+    # Read by the processes the new cluster starts: they inherit this environment.
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dash}"
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash,
+             **init_kwargs)

@@ -1,4 +1,4 @@
-"""Ray job entrypoint: train one FLUX LoRA.
+"""Ray job entrypoint: train one FLUX LoRA (`fluxray train`'s arguments; `-v` shows every library's output).
 
     ray job submit --working-dir . -- python jobs/train.py --config configs/tiny.yaml
     ray job submit --working-dir . -- python jobs/train.py --config configs/flux-dev.yaml --set train.steps=1500
@@ -15,4 +15,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fluxray.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    args = sys.argv[1:]
+    verbose = [a for a in args if a in ("-v", "--verbose")]  # an option of `fluxray` itself
+    sys.exit(main([*verbose, "train", *[a for a in args if a not in verbose]]))

@@ -161,9 +161,11 @@ class PreviewRenderer:
     text encoders, and renders queued steps on a thread while `submit` calls keep arriving."""
 
     def __init__(self, config: dict, mlflow_run_id: str | None, limit: int = MAX_WAITING):
+        from fluxray.logs import setup_worker
         from fluxray.model.pipeline import load_pipeline, resolve_device, resolve_dtype, resolve_model_path
         from fluxray.track import make_tracker
 
+        setup_worker()  # the job's logging policy, in this actor's process too
         cfg = JobConfig.model_validate(config)
         device = resolve_device()
         # As the Serve deployment loads it: a preview is what `POST /v1/generate` gives for the step.

@@ -22,10 +22,13 @@ def ray_storage(cfg: JobConfig) -> str:
 
 def worker_env() -> dict[str, str]:
     """Driver environment that every worker gets: unbuffered prints (`ray job logs`), the MLflow
-    server, and the `FLUXRAY_*` switches (such as the `FLUXRAY_CRASH_AT` fault injection)."""
+    server, the `FLUXRAY_*` switches (such as the `FLUXRAY_CRASH_AT` fault injection) and the
+    libraries' quiet settings (`fluxray.logs`)."""
+    from fluxray.logs import worker_env as quiet_env
+
     # Ray Train's print patch also sends each print through its logger: every progress line
     # would show twice in `ray job logs`.
-    env = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    env = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **quiet_env()}
     env.update({k: v for k, v in os.environ.items() if k.startswith("FLUXRAY_") or k == "MLFLOW_TRACKING_URI"})
     return env
 
@@ -36,7 +39,9 @@ def _connect() -> None:
     if not ray.is_initialized():
         # Joins a running cluster (`ray start --head`, or $RAY_ADDRESS under `ray job submit`),
         # else starts a local one.
-        ray.init(log_to_driver=True, configure_logging=False)
+        from fluxray.cluster import connect
+
+        connect(log_to_driver=True, configure_logging=False)
 
 
 def use_gpu(cfg: JobConfig) -> tuple[bool, float]:
@@ -52,9 +57,10 @@ def use_gpu(cfg: JobConfig) -> tuple[bool, float]:
 def run_ray(cfg: JobConfig, run_id: str | None) -> dict:
     """Fit the job on `distributed.workers` Ray Train workers; returns rank 0's summary."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from fluxray.logs import ray_train_log_level
     from fluxray.train.preview import use_preview_actor
 
     _connect()
@@ -77,7 +83,8 @@ def run_ray(cfg: JobConfig, run_id: str | None) -> dict:
             name=cfg.save.name, storage_path=ray_storage(cfg),
             failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.save.keep_last),
-            worker_runtime_env={"env_vars": worker_env()}),
+            worker_runtime_env={"env_vars": worker_env()},
+            logging_config=LoggingConfig(log_level=ray_train_log_level())),
     )
     result = trainer.fit()
     summary_file = cfg.storage_root / "runs" / cfg.save.name / "summary.json"
@@ -89,16 +96,16 @@ def run_ray(cfg: JobConfig, run_id: str | None) -> dict:
 def _worker_main(config: dict) -> None:
     """Entry of each Ray Train worker."""
     import json
-    import logging
 
     import ray.train
     from ray.train import Checkpoint
 
+    from fluxray.logs import setup_worker
     from fluxray.train.loop import WorkerContext, train_worker
     from fluxray.train.preview import start_renderer
     from fluxray.track import make_tracker
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_worker()
     cfg = JobConfig.model_validate(config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
