@@ -87,7 +87,7 @@ def _cmd_config(args) -> int:
 def _cmd_mlflow(args) -> int:
     from fluxray.config import load_config
     from fluxray.errors import ConfigError
-    from fluxray.track.mlflow_run import local_store, serve, sync_run
+    from fluxray.track.mlflow_run import UI_QUERY, local_store, serve, sync_run
 
     cfg = _load(args)
     if args.action == "sync":
@@ -100,7 +100,8 @@ def _cmd_mlflow(args) -> int:
         run_id, sent = sync_run(load_config(path, args.overrides))
         print(f"run {args.run}: {sent} pending call(s) sent to MLflow run {run_id}")
         return 0
-    print(f"MLflow UI at http://{args.host}:{args.port} over {local_store(cfg)} (Ctrl-C stops it)", flush=True)
+    print(f"MLflow UI at http://{args.host}:{args.port}/#/?{UI_QUERY} over {local_store(cfg)} (Ctrl-C stops it)",
+          flush=True)
     return serve(cfg, args.host, args.port)
 
 

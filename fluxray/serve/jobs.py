@@ -303,7 +303,7 @@ class JobService:
 
     def _mlflow(self, rec: JobRecord, cfg: JobConfig, started: bool) -> dict | None:
         """The job's MLflow run (found once by its `fluxray.run_name` tag, then kept in the record)."""
-        from fluxray.track.mlflow_run import tracking_uri
+        from fluxray.track.mlflow_run import UI_QUERY, tracking_uri
 
         uri = tracking_uri(cfg)
         if rec.mlflow_run_id is None:
@@ -326,6 +326,7 @@ class JobService:
             rec.mlflow_run_id, rec.mlflow_experiment_id = found[0].info.run_id, exp.experiment_id
             self._write(rec)
         base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else self.mlflow_ui
-        url = f"{base}/#/experiments/{rec.mlflow_experiment_id}/runs/{rec.mlflow_run_id}" if base else None
+        url = (f"{base}/#/experiments/{rec.mlflow_experiment_id}/runs/{rec.mlflow_run_id}?{UI_QUERY}"
+               if base else None)
         return {"tracking_uri": uri, "run_id": rec.mlflow_run_id, "experiment_id": rec.mlflow_experiment_id,
                 "url": url}

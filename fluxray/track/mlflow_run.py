@@ -15,13 +15,18 @@ import sys
 import time
 from pathlib import Path
 
-from fluxray.config import JobConfig
+from fluxray.config import JobConfig, dump_config
 from fluxray.errors import FluxrayError
 from fluxray.track.local import read_jsonl
 
 log = logging.getLogger("fluxray.mlflow")
 
 RUN_NAME_TAG = "fluxray.run_name"
+#: The experiment tag MLflow 3's UI reads to show an experiment as model training (runs,
+#: metrics, images), not as GenAI evaluation runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+#: Where MLflow 3's UI shows model training: its "Model training" workflow (the default is GenAI).
+UI_QUERY = "workflowType=machine_learning"
 PENDING_FILE = "mlflow-pending.jsonl"
 #: The preview actor's own spool: two processes never append to (or replay) one file.
 PREVIEW_PENDING_FILE = "mlflow-pending-previews.jsonl"
@@ -39,6 +44,13 @@ MAX_BATCH_METRICS = 1000
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 #: MLflow refuses longer param values.
 MAX_PARAM_CHARS = 6000
+#: The settings runs are compared by, as MLflow params (the base model and the trigger word are
+#: tags). MLflow's UI prints every param of a run above each of its preview images: the whole
+#: config there pushed the image out of its card, and more than a line of them clips it. The
+#: whole resolved config is the run's `config.yaml` artifact.
+PARAM_KEYS = ("train.steps", "train.lr", "lora.rank")
+#: The run's artifact with the whole resolved config (what `fluxray config` prints).
+CONFIG_ARTIFACT = "config.yaml"
 #: MLflow error codes that reject one call (bad value, duplicate) rather than signal an outage.
 _REJECTED = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
              "INVALID_STATE"}
@@ -62,7 +74,9 @@ def artifact_root(cfg: JobConfig) -> str:
 
 
 def serve(cfg: JobConfig, host: str = "127.0.0.1", port: int = 5000) -> int:
-    """`fluxray mlflow`: run `mlflow server` over the local store until interrupted."""
+    """`fluxray mlflow`: run `mlflow server` over the local store until it exits or this process
+    is stopped (Ctrl-C, SIGTERM), which stops the server's whole process group with it."""
+    import signal
     import subprocess
 
     store = local_store(cfg)
@@ -72,7 +86,58 @@ def serve(cfg: JobConfig, host: str = "127.0.0.1", port: int = 5000) -> int:
            "--workers", "1"]
     # For browsing runs: one worker, and no GenAI job runner (a dozen more processes).
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
-    return subprocess.call(cmd, env=env)
+
+    def terminated(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    # Its own process group: mlflow server starts uvicorn, which starts its workers, and a signal
+    # to this process alone would leave them holding the port.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        return proc.wait()
+    except _Terminated:
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop_group(proc)
+
+
+class _Terminated(Exception):
+    """SIGTERM, turned into an exception so that `serve`'s cleanup runs."""
+
+
+def _stop_group(proc, grace: float = 10.0) -> None:
+    """SIGTERM to the process group of `proc`, SIGKILL to what is left after `grace` seconds."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + grace
+        while time.time() < deadline:
+            proc.poll()  # reap the leader: a zombie still counts as a member of its group
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+
+
+def run_page(cfg: JobConfig, run_id: str, ui: str | None = None) -> str | None:
+    """The run's page in the MLflow UI (`ui`: where `fluxray mlflow` serves the local store), in
+    its model-training view; None when MLflow cannot say."""
+    uri = tracking_uri(cfg)
+    base = uri if uri.startswith(("http://", "https://")) else ui
+    if base is None:
+        return None
+    try:
+        exp_id = _client(cfg).get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - a link is a courtesy, never a failure
+        return None
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}?{UI_QUERY}"
 
 
 def ray_job_id() -> str | None:
@@ -84,8 +149,9 @@ def ray_job_id() -> str | None:
 
 
 def job_params(cfg: JobConfig) -> dict[str, str]:
-    """The whole resolved config, flattened: `train.lr` -> `0.0005`."""
-    return {k: (v if isinstance(v, str) else json.dumps(v))[:MAX_PARAM_CHARS] for k, v in cfg.flat().items()}
+    """The settings runs are compared by (`PARAM_KEYS`), from the resolved config: `train.lr` -> `0.0005`."""
+    return {k: (v if isinstance(v, str) else json.dumps(v))[:MAX_PARAM_CHARS] for k, v in cfg.flat().items()
+            if k in PARAM_KEYS}
 
 
 def job_tags(cfg: JobConfig) -> dict[str, str]:
@@ -125,8 +191,8 @@ def find_run(client, cfg: JobConfig) -> str | None:
 def open_run(client, cfg: JobConfig) -> str:
     """The job's run: found by its `fluxray.run_name` tag, else created with params and tags.
 
-    Params are logged once, at creation: MLflow params are immutable, and a resumed job
-    may legitimately differ (more steps). A found run is marked running again.
+    Params and the config are logged once, at creation: MLflow params are immutable, and a
+    resumed job may legitimately differ (more steps). A found run is marked running again.
     """
     from mlflow.entities import Param
 
@@ -137,12 +203,14 @@ def open_run(client, cfg: JobConfig) -> str:
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     local = tracking_uri(cfg).startswith("sqlite")
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        cfg.tracking.experiment, artifact_location=artifact_root(cfg) if local else None)
+        cfg.tracking.experiment, artifact_location=artifact_root(cfg) if local else None, tags=EXPERIMENT_KIND)
+    if exp is not None and not EXPERIMENT_KIND.items() <= exp.tags.items():
+        for key, value in EXPERIMENT_KIND.items():  # an experiment made before fluxray set it, or by hand
+            client.set_experiment_tag(exp_id, key, value)
     tags = job_tags(cfg)
     run_id = client.create_run(exp_id, run_name=cfg.save.name, tags=tags).info.run_id
-    params = [Param(k, v) for k, v in job_params(cfg).items()]
-    for i in range(0, len(params), 100):  # MLflow's limit per batch
-        client.log_batch(run_id, params=params[i:i + 100])
+    client.log_batch(run_id, params=[Param(k, v) for k, v in job_params(cfg).items()])
+    client.log_text(run_id, dump_config(cfg), CONFIG_ARTIFACT)
     return run_id
 
 

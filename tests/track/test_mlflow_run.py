@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -21,8 +22,8 @@ from fluxray.cli import main as cli
 from fluxray.config import load_config
 from fluxray.data.prepare import read_prepared
 from fluxray.track.local import RunRecord, read_metrics
-from fluxray.track.mlflow_run import (PENDING_FILE, PREVIEW_PENDING_FILE, MlflowRun, end_job_run, job_params,
-                                      ray_job_id, start_job_run, tracking_uri)
+from fluxray.track.mlflow_run import (EXPERIMENT_KIND, PARAM_KEYS, PENDING_FILE, PREVIEW_PENDING_FILE, MlflowRun,
+                                      end_job_run, job_params, ray_job_id, run_page, start_job_run, tracking_uri)
 from fluxray.track.tracker import Tracker
 from fluxray.train.job import run_job
 
@@ -60,14 +61,14 @@ def _lost_lines(caplog) -> list[str]:
 
 # -- the run's identity -------------------------------------------------------------------
 
-def test_one_run_per_job_with_the_config_as_params_and_identity_tags(tiny_config, monkeypatch):
+def test_one_run_per_job_with_its_settings_config_and_identity_tags(tiny_config, monkeypatch):
     monkeypatch.setenv("RAY_JOB_ID", "02000000")
     cfg = tiny_config()
     run_id = start_job_run(cfg)
     client = MlflowClient(tracking_uri(cfg))
     run = client.get_run(run_id)
     assert run.data.params == job_params(cfg)
-    assert run.data.params["train.steps"] == "40" and run.data.params["dataset.resolutions"] == "[64]"
+    assert run.data.params["train.steps"] == "40" and run.data.params["lora.rank"] == "4"
     tags = run.data.tags
     assert tags["fluxray.run_name"] == tags["mlflow.runName"] == "test-run"
     assert tags["trigger_word"] == "pxco" and tags["base_model"] == cfg.model.path
@@ -80,10 +81,21 @@ def test_one_run_per_job_with_the_config_as_params_and_identity_tags(tiny_config
     assert start_job_run(resumed) == run_id
     assert _the_run(client, cfg).data.params["train.steps"] == "40"
 
-    # MLflow refuses param values over 6000 characters: a very long prompt list is cut.
-    long = tiny_config("save.name=long-prompts", f'sample.prompts=["[trigger], {"very " * 1500}long"]')
-    assert len(job_params(long)["sample.prompts"]) == 6000
-    assert len(client.get_run(start_job_run(long)).data.params["sample.prompts"]) == 6000
+    # MLflow's UI shows the experiment as model training (runs, metrics, images), and the run's
+    # page link opens that view.
+    exp_id = run.info.experiment_id
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run_page(cfg, run_id, "http://127.0.0.1:5000") == \
+        f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning"
+    # An experiment made before fluxray tagged it gets the tag with its next run.
+    client.delete_experiment_tag(exp_id, "mlflow.experimentKind")
+    start_job_run(tiny_config("save.name=second"))
+    assert EXPERIMENT_KIND.items() <= client.get_experiment(exp_id).tags.items()
+
+    # The params are the settings runs are compared by; the whole resolved config is an artifact.
+    assert set(run.data.params) == set(PARAM_KEYS)
+    got = client.download_artifacts(run_id, "config.yaml", str(cfg.storage_root / "dl"))
+    assert load_config(got) == cfg
 
 
 def test_start_gives_up_quickly_when_nothing_listens(free_port, tiny_config, caplog):
@@ -113,6 +125,136 @@ def test_a_preview_saved_but_never_sent_reaches_mlflow_at_job_end_once(tiny_conf
     end_job_run(cfg)
     assert _images(client, run_id) == {("sample_0", 0): 1, ("grid", 0): 1}
     assert not (run_dir / PREVIEW_PENDING_FILE).exists()
+
+
+# -- `fluxray mlflow` -----------------------------------------------------------------------
+
+def _children() -> dict[int, list[int]]:
+    """Live processes by parent pid, from /proc (zombies, already dead, left out)."""
+    out: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                state, ppid = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[:2]
+            except OSError:
+                continue
+            if state != "Z":
+                out.setdefault(int(ppid), []).append(int(d))
+    return out
+
+
+def _descendants(pid: int) -> set[int]:
+    tree, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "Ctrl-C"])
+def test_stopping_fluxray_mlflow_stops_its_server_and_frees_the_port(free_port, tmp_path, sig, code):
+    import socket
+
+    port = free_port()
+    # Not in a process group of its own, as a user starts it: it must stop its children itself.
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "fluxray"), "mlflow", "--set", f"storage.root={tmp_path}",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "fluxray mlflow did not come up"
+                time.sleep(0.5)
+        server = _descendants(proc.pid)
+        assert len(server) >= 2  # mlflow server and its uvicorn
+        proc.send_signal(sig)
+        assert proc.wait(timeout=120) == code
+        assert "workflowType=machine_learning" in proc.stdout.read()  # the address it printed
+        deadline = time.time() + 30
+        while server & set().union(*_children().values()) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not server & set().union(*_children().values()), "a child of fluxray mlflow outlived it"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # the port is free again
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_the_run_page_opens_as_model_training_with_each_preview_in_view(free_port, tiny_config):
+    """A real run's store under `fluxray mlflow`, in Chromium at the link a job prints: the
+    model-training view, and the step-0 preview drawn in its image card, not hidden by text."""
+    import io
+
+    from mlflow.tracking.multimedia import compress_image_size
+    from playwright.sync_api import expect, sync_playwright
+
+    cfg = tiny_config("train.steps=2", "save.every=2", "sample.every=2", "sample.steps=2",
+                      'sample.prompts=["[trigger], portrait photo"]', "distributed.workers=1")
+    run_id = run_job(cfg, local=True)["mlflow_run_id"]
+    with Image.open(cfg.storage_root / "runs" / "test-run" / "samples" / "step000000-sample_0.png") as im:
+        preview = im.convert("RGB")
+    port = free_port()
+    server = _start_server(cfg.storage_root, port)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.set_default_timeout(300_000)  # a loaded 2-core machine renders MLflow's UI slowly
+            page.goto(run_page(cfg, run_id, f"http://127.0.0.1:{port}"))  # a fresh browser: no saved view
+            page.get_by_role("tab", name="Model metrics").click()
+            expect(page.get_by_role("link", name="Models")).to_be_visible()  # the model-training sidebar,
+            expect(page.get_by_text("Evaluation runs")).to_have_count(0)   # not GenAI's
+            card = page.get_by_test_id("experiment-view-compare-runs-card").filter(
+                has=page.locator('h4[title="sample_0"]'))
+            img = card.locator("img.rc-image-img")
+            expect(img).to_be_visible()
+            img.evaluate("i => i.complete || new Promise(done => { i.onload = done; i.onerror = done; })")
+            # The card shows the preview as MLflow renders it for cards (resized to 256 px).
+            assert img.evaluate("i => i.naturalWidth") == compress_image_size(preview).width
+            page.wait_for_timeout(2000)  # the layout settles once the image's size is known
+            box, frame = img.bounding_box(), card.bounding_box()
+            assert frame["x"] <= box["x"] and box["x"] + box["width"] <= frame["x"] + frame["width"], (box, frame)
+            # Visible inside its card and on top there: where the image is, the page shows the image
+            # (MLflow's square frame may clip its bottom edge; the run's params must not push it out).
+            visible = img.evaluate("""i => { const r = i.getBoundingClientRect(), rows = [];
+                for (let y = 0; y < 20; y++) { let row = 0;
+                  for (let x = 0; x < 20; x++)
+                    row += document.elementFromPoint(r.x + (x + .5) * r.width / 20, r.y + (y + .5) * r.height / 20) === i;
+                  rows.push(row); }
+                return rows; }""")
+            assert all(row in (0, 20) for row in visible), visible  # nothing over part of a row
+            shown_rows = sum(row == 20 for row in visible)
+            assert shown_rows >= 15 and visible[:shown_rows] == [20] * shown_rows, visible
+            # The preview's pixels are there in the screenshot of the card.
+            height = box["height"] * shown_rows / 20
+            with Image.open(io.BytesIO(card.screenshot())) as shot:
+                left, top = round(box["x"] - frame["x"]), round(box["y"] - frame["y"])
+                shown = shot.convert("RGB").crop((left, top, left + round(box["width"]), top + round(height)))
+            expected = preview.resize((round(box["width"]), round(box["height"])), Image.BILINEAR).crop(
+                (0, 0) + shown.size)
+            diff = _mean_abs_diff(shown, expected)
+            flat = _mean_abs_diff(shown, Image.new("RGB", shown.size, shown.getpixel((0, 0))))
+            assert diff < 20 and flat > 2 * diff, (diff, flat)
+            browser.close()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def _mean_abs_diff(a: Image.Image, b: Image.Image) -> float:
+    pixels = list(zip(a.getdata(), b.getdata()))
+    return sum(abs(x - y) for pa, pb in pixels for x, y in zip(pa, pb)) / (3 * len(pixels))
 
 
 # -- outages --------------------------------------------------------------------------------
