@@ -55,9 +55,43 @@ def _cmd_train(args) -> int:
 
     cfg = _load(args)
     summary = run_job(cfg, local=args.local, resume=args.resume)
-    print(f"done: {summary.get('steps')} steps, final loss {summary.get('loss', float('nan')):.4f}, "
-          f"LoRA {summary.get('lora')}")
+    print(_next_steps(args, cfg, summary))
     return 0
+
+
+def _next_steps(args, cfg, summary: dict) -> str:
+    """The last lines of a job: what it made, where, and the commands that open it."""
+    from fluxray.track.mlflow_run import run_page, tracking_uri
+
+    fluxray = _fluxray_command()
+    # The same storage root and tracking store as this job (the config, and its --set of them).
+    again = shlex.join(["--config", args.config] + [w for o in args.overrides if o.startswith(("storage.", "tracking."))
+                                                    for w in ("--set", o)])
+    lines = [f"done: {summary.get('steps')} steps, final loss {summary.get('loss', float('nan')):.4f}",
+             f"  LoRA file  {summary.get('lora')}",
+             f"  previews   {summary.get('previews')}/"]
+    run_id = summary.get("mlflow_run_id")
+    if run_id is None:
+        lines.append(f"  MLflow     was unreachable: `{fluxray} mlflow sync --run {summary.get('run')} {again}` sends the run")
+    elif tracking_uri(cfg).startswith(("http://", "https://")):
+        lines.append(f"  MLflow     run {run_id}: {run_page(cfg, run_id)}")
+    else:
+        lines.append(f"  MLflow     run {run_id}: `{fluxray} mlflow {again}`, then open "
+                     f"{run_page(cfg, run_id, 'http://127.0.0.1:5000')}")
+    lines.append(f"  web page   `{fluxray} serve {again}`, then open http://127.0.0.1:8000/")
+    return "\n".join(lines)
+
+
+def _fluxray_command() -> str:
+    """How the user's shell runs this fluxray: `fluxray` when it is on PATH, else the venv's script."""
+    script = Path(sys.executable).parent / "fluxray"
+    found = shutil.which("fluxray")
+    if found and Path(found).resolve() == script.resolve():
+        return "fluxray"
+    try:
+        return str(script.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 def _cmd_serve(args) -> int:
@@ -112,6 +146,7 @@ def _cmd_advise(args) -> int:
     cfg = _load(args)
     items = advise(cfg)
     print(format_advice(items))
+    # `--gpu` unset: this machine's GPU, and the estimate says when it is for another one.
     print(estimate(cfg, gpu=args.gpu, mfu=args.mfu, sizes=dataset_facts(cfg)[1]).format())
     if args.strict:
         check_strict(items)
@@ -135,14 +170,22 @@ def _cmd_import_config(args) -> int:
 def _cmd_doctor(args) -> int:
     from fluxray.advise.doctor import doctor, format_checks
 
-    checks = doctor(_load(args) if args.config or args.overrides else None, ray_timeout=args.ray_timeout)
+    from fluxray.errors import ConfigError
+
+    cfg, error = None, None
+    try:
+        cfg = _load(args)
+    except ConfigError as e:  # reported as a check: the rest of the machine is still worth knowing
+        error = str(e)
+    checks = doctor(cfg, ray_timeout=args.ray_timeout, config_error=error)
     print(format_checks(checks))
     return 1 if any(c.status == "fatal" for c in checks) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluxray", description="Train FLUX.1 LoRAs on Ray.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show everything: debug logs, and every library's warnings and progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="prepare a dataset: images + captions + trigger word -> metadata.jsonl")
@@ -189,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("advise", help="what to change before training (the guide's advice), and a time estimate")
     _add_config_args(p, required=True)
     p.add_argument("--strict", action="store_true", help="exit non-zero when there is any warning or error")
-    p.add_argument("--gpu", default="H100", help="GPU of the time estimate (H100, H200, A100, L40S, RTX 4090, ...)")
+    p.add_argument("--gpu", help="GPU of the time estimate (H100, H200, A100, L40S, RTX 4090, ...; default: this "
+                                 "machine's, else H100)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed by the estimate")
     p.set_defaults(func=_cmd_advise)
 

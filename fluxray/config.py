@@ -7,6 +7,7 @@ unknown key suggests the nearest real one.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 import os
@@ -366,7 +367,7 @@ _VALUE = reprlib.Repr()
 _VALUE.maxlevel, _VALUE.maxstring, _VALUE.maxother = 3, 200, 200
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _format_errors(err: ValidationError, head: str) -> str:
     found: dict[str, list[str]] = {}
     for e in err.errors():
         key = _loc_key(e["loc"])
@@ -382,7 +383,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
     # A union reports every branch; keep the most specific path, and join a key's alternatives.
     keys = [k for k in found if not any(o != k and o.startswith(k + ".") for o in found)]
     lines = [f"{k}: {' or '.join(dict.fromkeys(found[k]))}" for k in keys]
-    return f"invalid config{f' {source}' if source else ''}:\n  " + "\n  ".join(lines)
+    return f"{head}:\n  " + "\n  ".join(lines)
 
 
 def parse_yaml_text(text: str, source: str = "") -> dict[str, Any]:
@@ -422,14 +423,26 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 
 
 def build_config(data: dict[str, Any], overrides: list[str] = (), source: str = "") -> JobConfig:
-    """Validate a config mapping (plus overrides) into a JobConfig, or raise ConfigError."""
-    data = dict(data)
+    """Validate a config mapping (plus overrides) into a JobConfig, or raise ConfigError naming
+    `source`, or the `--set` values when the mapping is valid without them."""
+    merged = copy.deepcopy(data)
     for o in overrides:
-        apply_override(data, o)
+        apply_override(merged, o)
     try:
-        return JobConfig.model_validate(data)
+        return JobConfig.model_validate(merged)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        head = f"invalid config{f' {source}' if source else ''}"
+        if overrides and _valid(data):
+            head = "invalid " + " ".join(f"--set {o}" for o in overrides)
+        raise ConfigError(_format_errors(e, head)) from None
+
+
+def _valid(data: dict[str, Any]) -> bool:
+    try:
+        JobConfig.model_validate(data)
+        return True
+    except ValidationError:
+        return False
 
 
 def read_yaml_file(path: str | Path, kind: str = "config") -> dict[str, Any]:

@@ -30,16 +30,50 @@ def test_ci_runs_exactly_the_readme_test_command_with_an_empty_home():
     assert rest == [_commands()[1]]
 
 
+#: Ray's prefix of a line from one of its processes: `(RayTrainWorker pid=123)`, `(... pid=1, ip=...)`.
+RAY_PREFIX = re.compile(r"^\(\w+ pid=\d+(?:, ip=[\d.]+)?\) ?")
+#: fluxray's own lines, from the driver or a worker: what it does, the progress, advice, the result.
+FLUXRAY_LINE = re.compile(
+    r"Prepared \d+ images|  (from|to) +/|  content hash |\d+ note\(s\) and problem\(s\):|advice( \(\d+\))?:|"
+    r"  (info|warning|error) +\S|  +fix: |run \S+: \d+ steps |previews: |ZeRO stage |step \d+/\d+ loss |"
+    r"LoRA written to |likely converged|still improving|no improvement|done: \d+ steps|"
+    r"  (LoRA file|previews|MLflow|web page) |(INFO|WARNING|ERROR) fluxray")
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_demo_command_trains_the_tiny_model_and_writes_a_lora(tmp_path):
-    """The demo's job step, as written, on a local Ray cluster it starts itself (HOME is a temp dir)."""
+def test_demo_command_trains_quietly_and_ends_with_what_to_open_next(tmp_path):
+    """The demo's job step, as written, on a local Ray cluster it starts itself, in an empty HOME:
+    fluxray's own lines and at most 5 others, no traceback, and last the LoRA file, the previews
+    and the MLflow run (finished, with its previews) with the command that opens it."""
     demo = _commands()[0]
     job = demo.split("&&")[-1].strip().replace(".venv/bin/python", sys.executable)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "FLUXRAY_", "MLFLOW_"))}
     env.update(HOME=str(tmp_path), PYTHONUNBUFFERED="1")
     r = subprocess.run(job, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
-    loras = [p for p in (tmp_path / "fluxray" / "loras").glob("pxco-*.safetensors") if ".kohya." not in p.name]
-    assert len(loras) == 1
-    assert "step 40/40" in r.stdout + r.stderr
+    out = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
+    assert r.returncode == 0, out[-6000:]
+    assert "Traceback" not in out, out
+    lines = [line for line in (RAY_PREFIX.sub("", line) for line in out.splitlines()) if line.strip()]
+    others = [line for line in lines if not FLUXRAY_LINE.match(line)]
+    assert len(others) <= 5, "\n".join(others)
+    assert any(line.startswith("step 40/40 loss ") for line in lines)
+
+    # The last lines: what the run made, and how to open it.
+    done = max(i for i, line in enumerate(lines) if line.startswith("done: 40 steps"))
+    end = dict(re.match(r"  (LoRA file|previews|MLflow|web page) +(.+)", line).groups() for line in lines[done + 1:])
+    lora = Path(end["LoRA file"])
+    assert lora.is_file() and lora.parent == tmp_path / "fluxray" / "loras" and lora.name.startswith("pxco-")
+    previews = Path(end["previews"])
+    assert sorted(p.name for p in previews.glob("*-grid.png")) == [f"step{s:06d}-grid.png" for s in (0, 20, 40)]
+    assert "fluxray mlflow --config configs/tiny.yaml`" in end["MLflow"]
+    assert "fluxray serve --config configs/tiny.yaml`" in end["web page"]
+    run_id = re.match(r"run ([0-9a-f]{32}): ", end["MLflow"])[1]
+    assert f"http://127.0.0.1:5000/#/experiments/1/runs/{run_id}?workflowType=machine_learning" in end["MLflow"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'fluxray' / 'mlflow' / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "FINISHED"
+    images = {a.path.split("+")[0] + "@" + a.path.split("+")[2] for a in client.list_artifacts(run_id, "images")}
+    assert {f"images/{k}@{s}" for k in ("sample_0", "grid") for s in (0, 20, 40)} <= images

@@ -9,25 +9,33 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from fluxray.config import TINY_MODEL, JobConfig
+from fluxray.errors import ConfigError
 
 Status = Literal["ok", "warning", "fatal"]
 MIN_FREE_GIB, LOW_FREE_GIB = 2, 20  # latent/text caches, checkpoints and samples of a few runs
 FLUX_BF16_GIB = 23.8  # FLUX.1-dev's frozen transformer in bf16
 
+# The cluster a job would join (`fluxray.cluster.connect`): $RAY_ADDRESS, else the one `ray start` left.
 _RAY_PROBE = """
-import json, os, ray
-ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", logging_level="ERROR", log_to_driver=False)
+import json, os, sys, ray
+from ray._private.services import find_bootstrap_address
+address = os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None)
+if not address:
+    print("FLUXRAY_PROBE_NONE")
+    sys.exit(0)
+ray.init(address=address, logging_level="ERROR", log_to_driver=False)
 r = ray.cluster_resources()
-print("FLUXRAY_PROBE " + json.dumps({"nodes": sum(1 for n in ray.nodes() if n["Alive"]),
+print("FLUXRAY_PROBE " + json.dumps({"address": address, "nodes": sum(1 for n in ray.nodes() if n["Alive"]),
                                      "cpus": r.get("CPU", 0), "gpus": r.get("GPU", 0)}))
 """
 
@@ -38,13 +46,22 @@ class Check:
     status: Status
     message: str
     fix: str = ""
+    #: What the check found that another one uses (the Ray cluster's GPUs).
+    facts: dict = field(default_factory=dict, compare=False)
 
 
-def doctor(cfg: JobConfig | None = None, ray_timeout: float = 30.0) -> list[Check]:
-    """Every check, for `cfg` (the defaults when None)."""
+def doctor(cfg: JobConfig | None = None, ray_timeout: float = 30.0, config_error: str | None = None) -> list[Check]:
+    """Every check, for `cfg` (the defaults when None). `config_error`: the config did not load;
+    the machine is still checked (with the defaults), the model and dataset are not."""
+    checks = [Check("config", "fatal", config_error, "fix the config; `fluxray config --config FILE` shows "
+                                                     "what it resolves to")] if config_error else []
     cfg = cfg or JobConfig()
-    checks = [check_ray(timeout=ray_timeout), check_gpus(), check_mlflow(cfg), check_model(cfg), check_disk(cfg)]
-    if cfg.dataset.path:
+    ray = check_ray(timeout=ray_timeout)
+    checks += [ray, check_gpus(None if config_error else cfg, ray.facts.get("gpus", 0.0)), check_mlflow(cfg)]
+    if not config_error:
+        checks.append(check_model(cfg))
+    checks.append(check_disk(cfg))
+    if cfg.dataset.path and not config_error:
         checks.append(check_dataset(cfg))
     return checks
 
@@ -56,15 +73,38 @@ def format_checks(checks: list[Check]) -> str:
         lines.append(f"{c.status:<7} {c.name:<{width}}  {c.message}")
         if c.fix:
             lines.append(f"{'':<7} {'':<{width}}  fix: {c.fix}")
-    fatal = sum(c.status == "fatal" for c in checks)
-    lines.append(f"{fatal} fatal problem(s)" if fatal else "ready to train")
+    lines.append(verdict(checks))
     return "\n".join(lines)
 
 
+def verdict(checks: list[Check]) -> str:
+    """The last line: ready, or not and why; when only a GPU is missing, whether the CPU demo is ready."""
+    fatal = [c for c in checks if c.status == "fatal"]
+    if not fatal:
+        return "ready to train"
+    gpu = next((c for c in fatal if c.name == "gpus"), None)
+    others = [c.name for c in fatal if c is not gpu]
+    reasons = [gpu.facts["needs"]] if gpu else []
+    if others:
+        reasons.append(f"{len(others)} {'more ' if gpu else ''}fatal problem(s) ({', '.join(others)})")
+    if gpu and not others:
+        reasons.append("the CPU demo (configs/tiny.yaml) is ready")
+    return "not ready: " + "; ".join(reasons)
+
+
 def check_ray(address: str | None = None, timeout: float = 30.0) -> Check:
-    """Connect to the running cluster (`RAY_ADDRESS` or `auto`) from a child process."""
+    """Connect to the running cluster (`RAY_ADDRESS` or `auto`) from a child process, with the
+    token fluxray would use (see `fluxray.cluster.ensure_auth_token`; nothing is written here)."""
     env = {**os.environ, **({"RAY_ADDRESS": address} if address else {})}
-    where = env.get("RAY_ADDRESS") or "auto"
+    where = env.get("RAY_ADDRESS") or "this machine's `ray start` cluster"
+    token = _auth_token()
+    if token and env.get("RAY_AUTH_MODE") is None:
+        env["RAY_AUTH_MODE"] = "token"  # as every fluxray process runs
+    hostport = _host_port(where)
+    if hostport is not None and not _answers(*hostport, timeout=min(timeout, 5.0)):
+        return Check("ray", "warning", f"nothing answers at {where} (no Ray cluster there)",
+                     "check the address (RAY_ADDRESS) and `ray status` on the head node; unset RAY_ADDRESS to "
+                     "let jobs start a local cluster")
     try:
         r = subprocess.run([sys.executable, "-c", _RAY_PROBE], env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -73,28 +113,70 @@ def check_ray(address: str | None = None, timeout: float = 30.0) -> Check:
     probe = next((ln for ln in r.stdout.splitlines() if ln.startswith("FLUXRAY_PROBE ")), None)
     if probe:
         info = json.loads(probe.split(" ", 1)[1])
-        return Check("ray", "ok", f"cluster at {where}: {info['nodes']} node(s), {info['cpus']:g} CPUs, "
-                                  f"{info['gpus']:g} GPUs")
+        return Check("ray", "ok", f"cluster at {info['address']}: {info['nodes']} node(s), {info['cpus']:g} CPUs, "
+                                  f"{info['gpus']:g} GPUs", facts={"gpus": info["gpus"]})
     err = r.stderr.lower()
-    if "token" in err or "unauthenticated" in err or "auth" in err:
-        return Check("ray", "warning", f"the Ray cluster at {where} refused the connection (token auth)",
-                     "export RAY_AUTH_MODE=token (the cluster's token is in ~/.ray/auth_token)")
-    if where == "auto":
-        return Check("ray", "warning", "no running cluster: jobs will start a local one",
-                     "for a shared cluster: `ray start --head` (or set RAY_ADDRESS)")
+    path = _token_path()
+    if "token" in err or "unauthenticated" in err:
+        if not token:
+            return Check("ray", "warning", f"the Ray cluster at {where} wants a token, and this machine has none "
+                                           f"({path} does not exist)",
+                         "copy the cluster's token to that file (or set RAY_AUTH_TOKEN)")
+        return Check("ray", "warning", f"the Ray cluster at {where} refused this machine's token ({path})",
+                     "use the cluster's token: copy its ~/.ray/auth_token here, or set RAY_AUTH_TOKEN")
+    if "FLUXRAY_PROBE_NONE" in r.stdout:
+        made = "" if token else f"; it makes the Ray token ({path}) too, as there is none yet"
+        return Check("ray", "ok", f"no running cluster: jobs start a local one{made}",
+                     "" if token else "for a shared cluster: `ray get-auth-token --generate`, then `ray start --head`")
     last = (r.stderr.strip().splitlines() or ["no output"])[-1]
     return Check("ray", "warning", f"cannot connect to Ray at {where}: {last[:200]}",
                  "check the address and `ray status`; unset RAY_ADDRESS to start a local cluster")
 
 
-def check_gpus() -> Check:
-    """GPUs this process sees, with their memory."""
+def _token_path() -> Path:
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+
+
+def _auth_token() -> bool:
+    """Whether a Ray auth token is at hand ($RAY_AUTH_TOKEN or the token file)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = _token_path()
+    return path.is_file() and bool(path.read_text().strip())
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """host and port of a `host:port` GCS address; None for `auto` and client (`ray://`) addresses."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return None
+    return host, int(port)
+
+
+def _answers(host: str, port: int, timeout: float) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_gpus(cfg: JobConfig | None = None, cluster_gpus: float = 0.0) -> Check:
+    """GPUs this process sees, with their memory; fatal when `cfg` needs one and neither this
+    machine nor the Ray cluster (`cluster_gpus`) has any."""
     import torch
 
     if not torch.cuda.is_available():
-        return Check("gpus", "warning", "no GPU visible: only the tiny model is practical on CPU",
-                     "check nvidia-smi and CUDA_VISIBLE_DEVICES, and that torch is a CUDA build "
-                     f"(torch {torch.__version__}); Ray workers on other nodes may still have GPUs")
+        if cluster_gpus:
+            return Check("gpus", "ok", f"no GPU on this machine; the Ray cluster has {cluster_gpus:g} for the workers")
+        if cfg is not None and cfg.model.path != TINY_MODEL and cfg.distributed.gpus_per_worker != 0:
+            needs = f"{Path(cfg.model.path).name} needs a GPU"
+            return Check("gpus", "fatal", f"no GPU here nor in a Ray cluster: {needs} (its bf16 transformer alone "
+                                          f"is {FLUX_BF16_GIB} GB)",
+                         "run on a GPU machine (check nvidia-smi, and that torch is a CUDA build: torch "
+                         f"{torch.__version__}) or join a GPU cluster (RAY_ADDRESS); the CPU demo runs here: "
+                         "fluxray train --config configs/tiny.yaml", facts={"needs": needs})
+        return Check("gpus", "ok", "no GPU: this config trains on CPU")
     parts, small = [], []
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
@@ -135,11 +217,17 @@ def check_mlflow(cfg: JobConfig, timeout: float = 5.0) -> Check:
 
 def check_model(cfg: JobConfig) -> Check:
     """`model.path` loads: the tiny model, a diffusers folder, or a hub id in the HF cache."""
+    from fluxray.model.source import model_source
+
     path = cfg.model.path
-    if path == TINY_MODEL:
+    try:
+        kind = model_source(path)
+    except ConfigError as e:
+        return Check("model", "fatal", str(e), "set model.path (in the config, or --set model.path=...)")
+    if kind == "tiny":
         return Check("model", "ok", "the embedded tiny model (built under storage.root on first use)")
     local = Path(path).expanduser()
-    if local.exists():
+    if kind == "folder":
         if (local / "model_index.json").is_file():
             return Check("model", "ok", f"local diffusers pipeline {local}")
         return Check("model", "fatal", f"model.path {local} is a folder but not a diffusers pipeline (no model_index.json)",
@@ -178,6 +266,9 @@ def check_dataset(cfg: JobConfig) -> Check:
     src = Path(cfg.dataset.path).expanduser()
     if not src.exists():
         return Check("dataset", "fatal", f"dataset.path {src} does not exist", "point dataset.path at your images")
+    if not src.is_dir():
+        return Check("dataset", "fatal", f"dataset.path {src} is a file, not a folder",
+                     "point dataset.path at the folder of your images (or a prepared dataset)")
     kind = "prepared dataset" if is_prepared(src) else "raw folder (prepared on submit)"
     return Check("dataset", "ok", f"{kind} {src}")
 

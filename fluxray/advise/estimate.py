@@ -26,6 +26,8 @@ GPU_MEMORY_GIB = (
 )
 # Share of a GPU that the frozen base plus activations may fill (as the loop decides).
 _FIT_FRACTION = 0.85
+#: The GPU of an estimate when neither `--gpu` nor this machine names one.
+REFERENCE_GPU = "H100"
 
 
 # ---------------------------------------------------------------------------------------
@@ -38,11 +40,14 @@ def model_dims(cfg: JobConfig) -> tuple[dict, str]:
     A local folder (or the built tiny model) and a hub id already in the HF cache give their
     own `transformer/config.json`; anything else is taken to be FLUX.1-dev.
     """
+    from fluxray.model.source import model_source
+
+    kind = model_source(cfg.model.path)  # a path that is neither a folder nor a hub id fails here
     path = Path(cfg.model.path).expanduser()
-    if cfg.model.path == TINY_MODEL:
+    if kind == "tiny":
         path = cfg.storage_root / "models" / "tiny-flux"
     found = path / "transformer" / "config.json"
-    if not found.is_file() and not path.exists():
+    if kind == "hub":
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(cfg.model.path, "transformer/config.json", revision=cfg.model.revision)
@@ -148,6 +153,7 @@ class Estimate:
     validation_seconds: float
     sample_seconds: float
     dims_source: str
+    note: str = ""  # why the figure is for this GPU, when it is not the one the job will use
 
     @property
     def total_seconds(self) -> float:
@@ -160,6 +166,7 @@ class Estimate:
     def format(self) -> str:
         return (f"estimate on {self.workers} x {self.gpu} at {self.mfu:.0%} MFU: {_hms(self.total_seconds)} "
                 f"({self.gpu_hours:.2f} GPU-hours)\n"
+                + (f"  ({self.note})\n" if self.note else "") +
                 f"  training   {_hms(self.train_seconds)}  ({self.step_tflop:.1f} TFLOP per step; "
                 f"gradient checkpointing {'on' if self.checkpointing else 'off'}: {self.checkpointing_reason})\n"
                 f"  previews   {_hms(self.sample_seconds)}\n"
@@ -167,9 +174,34 @@ class Estimate:
                 f"  model: {self.dims_source}")
 
 
-def estimate(cfg: JobConfig, gpu: str = "H100", mfu: float = 0.4, *, workers: int | None = None,
+def local_gpu() -> str | None:
+    """The name of this machine's first GPU, None without one."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def target_gpu(cfg: JobConfig, gpu: str | None = None) -> tuple[str, str]:
+    """The GPU an estimate is for, and a note when that is not the one the job will use: `gpu` when
+    named, else this machine's GPU, else `REFERENCE_GPU`."""
+    if gpu:
+        return gpu, ""
+    here = local_gpu()
+    name = here if here and peak_flops(here) else REFERENCE_GPU
+    if cfg.distributed.gpus_per_worker == 0:
+        return name, (f"this config trains on CPU (distributed.gpus_per_worker: 0): the figure is for {name} "
+                      "GPUs; --gpu names another")
+    if name != here:
+        missing = "no GPU on this machine" if here is None else f"no peak FLOPs known for {here}"
+        return name, f"{missing}: the figure is for {name} GPUs; --gpu names another"
+    return name, ""
+
+
+def estimate(cfg: JobConfig, gpu: str | None = REFERENCE_GPU, mfu: float = 0.4, *, workers: int | None = None,
              sizes: list[tuple[int, int]] | None = None, gpu_memory_gib: float | None = None) -> Estimate:
-    """Time of the job on `workers` GPUs named `gpu` (e.g. "H100", "A100 40GB", "L40S") at `mfu`."""
+    """Time of the job on `workers` GPUs named `gpu` (e.g. "H100", "A100 40GB", "L40S") at `mfu`;
+    `gpu=None`: this machine's (see `target_gpu`), with a note saying which."""
+    gpu, note = target_gpu(cfg, gpu)
     peak = peak_flops(gpu)
     if peak is None:
         known = ", ".join(name for name, _ in PEAK_BF16_TFLOPS)
@@ -185,7 +217,7 @@ def estimate(cfg: JobConfig, gpu: str = "H100", mfu: float = 0.4, *, workers: in
     return Estimate(gpu=gpu, workers=world, mfu=mfu, step_tflop=budget.step / 1e12, checkpointing=on,
                     checkpointing_reason=reason, train_seconds=budget.train / rate,
                     validation_seconds=budget.validation / rate, sample_seconds=budget.sampling / rate,
-                    dims_source=source)
+                    dims_source=source, note=note)
 
 
 def _checkpointing(cfg: JobConfig, dims: dict, sizes, memory_gib: float) -> tuple[bool, str]:

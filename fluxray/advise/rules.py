@@ -60,6 +60,7 @@ class _Facts:
     world: int
     trigger: str | None
     guidance_distilled: bool
+    demo: bool  # `model.path: tiny`: the demo model, which the guide's likeness advice is not about
 
     @property
     def per_step(self) -> int:
@@ -78,9 +79,9 @@ def advise(cfg: JobConfig, num_images: int | None = None, world_size: int | None
     if num_images is not None:
         images = num_images
     f = _Facts(cfg, images, sizes, world_size or cfg.distributed.workers, cfg.dataset.trigger_word or trigger,
-               _guidance_distilled(cfg))
+               _guidance_distilled(cfg), cfg.model.path == TINY_MODEL)
     out: list[Advice] = []
-    for rule in _RULES:
+    for rule in _RULES + ([_demo] if f.demo else _LIKENESS):
         out.extend(rule(f))
     order = {"error": 0, "warning": 1, "info": 2}
     return sorted(out, key=lambda a: order[a.severity])
@@ -148,6 +149,53 @@ def dataset_facts(cfg: JobConfig) -> tuple[int | None, list[tuple[int, int]] | N
     except (OSError, ValueError, KeyError):
         pass  # an unreadable dataset is the job's error to report, not the advice's
     return None, None, None
+
+
+def dataset_texts(cfg: JobConfig, trigger: str | None) -> list[str]:
+    """The training text of each caption of `dataset.path` (prepared, or raw with the trigger put
+    in as prepare would); [] when unknown."""
+    if not cfg.dataset.path:
+        return []
+    root = Path(cfg.dataset.path).expanduser()
+    try:
+        from fluxray.data.prepare import is_prepared, read_prepared
+
+        if is_prepared(root):
+            return [text for _, text in read_prepared(root).items]
+        if root.is_dir() and trigger:
+            from fluxray.data.captions import apply_trigger, load_captions
+
+            return [apply_trigger(c, trigger) for c in load_captions(root).values()]
+    except (OSError, ValueError, FluxrayError):
+        pass  # as `dataset_facts`: the job reports an unreadable dataset
+    return []
+
+
+def _tokenizers(cfg: JobConfig):
+    """(CLIP, T5) tokenizers of `model.path` when they are on this machine (a folder, the built
+    tiny model or the HF cache); None otherwise. Nothing is downloaded."""
+    from fluxray.model.source import model_source
+
+    kind = model_source(cfg.model.path)
+    folder = None
+    if kind == "tiny":
+        folder = cfg.storage_root / "models" / "tiny-flux"
+    elif kind == "folder":
+        folder = Path(cfg.model.path).expanduser()
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        index = try_to_load_from_cache(cfg.model.path, "model_index.json", revision=cfg.model.revision)
+        folder = Path(index).parent if isinstance(index, str) else None
+    if folder is None or not (folder / "tokenizer").is_dir() or not (folder / "tokenizer_2").is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return (AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+                AutoTokenizer.from_pretrained(folder, subfolder="tokenizer_2"))
+    except (OSError, ValueError):
+        return None
 
 
 def _guidance_distilled(cfg: JobConfig) -> bool:
@@ -364,6 +412,43 @@ def _sampling(f: _Facts) -> list[Advice]:
     return out
 
 
+def _caption_tokens(f: _Facts) -> list[Advice]:
+    """Captions longer than CLIP's 77 tokens or `model.max_sequence_length` T5 tokens, counted once
+    here (the text encoders would warn once per caption, in every worker)."""
+    texts = dataset_texts(f.cfg, f.trigger)
+    tokenizers = _tokenizers(f.cfg) if texts else None
+    if not tokenizers:
+        return []
+    clip, t5 = tokenizers
+    t5_max = f.cfg.model.max_sequence_length
+    over_clip = sum(len(clip(t, verbose=False).input_ids) > clip.model_max_length for t in texts)
+    over_t5 = sum(len(t5(t, verbose=False).input_ids) > t5_max for t in texts)
+    if not over_clip and not over_t5:
+        return []
+    n, clip_max = len(texts), clip.model_max_length
+    parts = []
+    if over_clip:
+        parts.append(f"{over_clip} of the {n} captions are longer than the {clip_max} CLIP tokens: CLIP sees their "
+                     f"first {clip_max}" + ("" if over_t5 else ", T5 the whole caption"))
+    if over_t5:
+        parts.append(f"{over_t5} {'' if over_clip else f'of the {n} captions '}are longer than "
+                     f"model.max_sequence_length={t5_max} T5 tokens: T5 sees their first {t5_max}")
+    message = "; ".join(parts)
+    fix = "put the subject and what matters most first in each caption"
+    if over_t5:
+        fix += "; raise model.max_sequence_length (512 for dev, 256 for schnell) for T5 to read all of it"
+    return [_a("captions.truncated", "info", "dataset.path" if not over_t5 else "model.max_sequence_length",
+               message, fix)]
+
+
+def _demo(f: _Facts) -> list[Advice]:
+    return [_a("model.demo", "info", "model.path",
+               f"model.path={TINY_MODEL} is the demo model, which trains in minutes on a CPU: the guide's advice on "
+               "steps, passes per image, EMA, previews and caption dropout is about a likeness on FLUX.1-dev, "
+               "so it is not checked here",
+               "for your subject, start from configs/flux-dev.yaml (fluxray advise --config configs/flux-dev.yaml)")]
+
+
 def _captions(f: _Facts) -> list[Advice]:
     p = f.cfg.dataset.caption_dropout
     if p == 0:
@@ -430,5 +515,7 @@ def _saving(f: _Facts) -> list[Advice]:
     return []
 
 
-_RULES = [_steps, _repeats, _prompts, _lr, _batch, _lora, _ema, _sampling, _captions, _training_guidance,
-          _resolution, _saving]
+#: Rules for every model: a job that would fail, previews that show the wrong thing, odd settings.
+_RULES = [_prompts, _lr, _batch, _lora, _training_guidance, _resolution, _saving, _caption_tokens]
+#: The guide's advice for a likeness on FLUX.1-dev; the demo model gets `_demo` instead.
+_LIKENESS = [_steps, _repeats, _ema, _sampling, _captions]

@@ -22,12 +22,17 @@ log = logging.getLogger("fluxray.job")
 def resolve_job(cfg: JobConfig) -> JobConfig:
     """Fill in what the driver decides once for all workers: the dataset and the run name."""
     from fluxray.data.prepare import is_prepared, prepare_dataset, read_prepared
+    from fluxray.model.source import model_source
 
+    model_source(cfg.model.path)  # a typo fails here, before any data is prepared
+    what = "a prepared dataset (fluxray prepare) or a folder of images with captions"
     if not cfg.dataset.path:
-        raise ConfigError("dataset.path: required: a prepared dataset (fluxray prepare) or a folder of images with captions")
+        raise ConfigError(f"dataset.path: required: {what}")
     src = Path(cfg.dataset.path).expanduser()
     if not src.exists():
         raise ConfigError(f"dataset.path: {str(src)!r} does not exist")
+    if not src.is_dir():
+        raise ConfigError(f"dataset.path: {src} is a file, not a folder; give {what}")
     update: dict = {}
     if not is_prepared(src):
         # A raw folder (images + captions.json / .txt sidecars): prepare it under the storage root,
@@ -121,8 +126,9 @@ def run_job(cfg: JobConfig, local: bool = False, resume: bool = False) -> dict:
         print(f"run {cfg.save.name!r} exists: resuming from its last checkpoint", flush=True)
     write_run_config(cfg)
     run_id = start_job_run(cfg)
-    print(f"run {cfg.save.name}: {cfg.train.steps} steps on {cfg.distributed.workers} worker(s)"
-          f"{' (local)' if local else ''}; MLflow run {run_id}", flush=True)
+    where = ("in this process (--local: one process, no Ray)" if local
+             else f"on {cfg.distributed.workers} Ray Train worker(s)")
+    print(f"run {cfg.save.name}: {cfg.train.steps} steps {where}; MLflow run {run_id}", flush=True)
     ok = False
     try:
         if local:
@@ -139,7 +145,7 @@ def run_job(cfg: JobConfig, local: bool = False, resume: bool = False) -> dict:
     finally:
         # Sends what rank 0 could not send (or says where it waits) and closes the MLflow run.
         end_job_run(cfg, "FINISHED" if ok else "FAILED")
-    return summary
+    return {**summary, "run": cfg.save.name, "mlflow_run_id": run_id, "previews": str(run_dir(cfg) / "samples")}
 
 
 def run_local(cfg: JobConfig, resume: bool = False, tracker=None) -> dict:

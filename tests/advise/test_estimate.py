@@ -111,3 +111,18 @@ def test_eta_after_resume_counts_this_process_only_and_falls_back_to_a_prior():
     assert eta([], 100).seconds_left is None
     done = eta(_records([1.0] * 100), 100, status={"sample_seconds": 5.0}, sample_every=50)
     assert done.seconds_left == 0.0 and done.sample_seconds_left == 0.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, the estimate is for this machine's")
+def test_without_a_named_gpu_the_estimate_says_which_gpu_it_is_for(tiny_config):
+    e = estimate(dev(), gpu=None)  # no GPU here: the reference GPU, and the estimate says so
+    assert e.gpu == "H100" and e.note == "no GPU on this machine: the figure is for H100 GPUs; --gpu names another"
+    assert e.format().splitlines()[1] == f"  ({e.note})"
+    cpu = estimate(tiny_config(), gpu=None)  # tiny.yaml trains on CPU
+    assert cpu.note.startswith("this config trains on CPU (distributed.gpus_per_worker: 0): the figure is for H100")
+    assert estimate(tiny_config(), gpu="A100").note == ""  # named: the user knows what it is for
+
+
+def test_a_bad_model_path_fails_the_estimate_with_the_config_key():
+    with pytest.raises(ConfigError, match=r"^model.path: '/data/no-such-model' does not exist"):
+        estimate(dev("model.path=/data/no-such-model"))

@@ -1,6 +1,7 @@
 """Advice before a job starts: one case per rule, the guide's own settings pass strict mode,
 the dataset is read from disk, the module imports without torch, and the CLI's --strict."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 
 from fluxray.advise.rules import AdviceError, advise, check_strict, dataset_facts, format_advice
 from fluxray.config import load_config
+from fluxray.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent.parent
 GUIDE_IMAGES = [(1024, 1024)] * 18  # the guide's 18 images, large enough for every bucket
@@ -141,3 +143,38 @@ def test_cli_prints_advice_and_estimate_and_strict_exits_non_zero(tmp_path):
                          text=True, cwd=REPO, timeout=300)
     assert bad.returncode == 2 and "steps.too_few" in bad.stdout and "strict mode" in bad.stderr
     assert "Traceback" not in bad.stderr and "1 x A100" in bad.stdout
+
+
+def test_the_shipped_demo_config_draws_no_warning_and_says_once_why(tmp_path, tiny_model):
+    demo = [f"dataset.path={REPO / 'samples' / 'pxco'}", f"storage.root={tmp_path}"]
+    items = advise(load_config(REPO / "configs" / "tiny.yaml", demo))
+    assert [a.id for a in items if a.severity != "info"] == []
+    check_strict(items)
+    assert [a.id for a in items].count("model.demo") == 1
+    # The guide's likeness advice is left out for the demo model only: the same settings on a
+    # model folder get it.
+    other = {a.id for a in advise(load_config(REPO / "configs" / "tiny.yaml", demo + [f"model.path={tiny_model}"]))}
+    assert {"steps.too_few", "ema.too_slow"} <= other and "model.demo" not in other
+
+
+def test_captions_longer_than_clip_or_t5_reads_are_counted_once(tiny_config, tiny_model, prepared_sample):
+    from transformers import AutoTokenizer
+
+    texts = [json.loads(line)["text"] for line in (prepared_sample / "metadata.jsonl").read_text().splitlines()]
+    clip = AutoTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
+    t5 = AutoTokenizer.from_pretrained(tiny_model, subfolder="tokenizer_2")
+    over_clip = sum(len(clip(t).input_ids) > 77 for t in texts)
+    over_32 = sum(len(t5(t).input_ids) > 32 for t in texts)
+    assert 0 < over_clip and 0 < over_32  # the sample's captions are long
+    a = ids(tiny_config(), image_sizes=None)["captions.truncated"]  # tiny.yaml: model.max_sequence_length 32
+    assert a.severity == "info" and a.key == "model.max_sequence_length"
+    assert a.message == (f"{over_clip} of the 18 captions are longer than the 77 CLIP tokens: CLIP sees their first "
+                         f"77; {over_32} are longer than model.max_sequence_length=32 T5 tokens: T5 sees their first 32")
+    a = ids(tiny_config("model.max_sequence_length=512"), image_sizes=None)["captions.truncated"]
+    assert a.message.endswith("CLIP sees their first 77, T5 the whole caption") and a.key == "dataset.path"
+    assert "captions.truncated" not in ids(tiny_config("dataset.path=null"), image_sizes=None)
+
+
+def test_a_bad_model_path_is_one_config_error(tiny_config):
+    with pytest.raises(ConfigError, match=r"^model.path: '/data/no-such-model' does not exist .*FLUX.1-dev"):
+        advise(tiny_config("model.path=/data/no-such-model"))
