@@ -72,7 +72,8 @@ def _next_steps(args, cfg, summary: dict) -> str:
              f"  previews   {summary.get('previews')}/"]
     run_id = summary.get("mlflow_run_id")
     if run_id is None:
-        lines.append(f"  MLflow     was unreachable: `{fluxray} mlflow sync --run {summary.get('run')} {again}` sends the run")
+        lines.append(f"  MLflow     unreachable when the job started: `{fluxray} mlflow sync --run {summary.get('run')} "
+                     f"{again}` sends what still waits")
     elif tracking_uri(cfg).startswith(("http://", "https://")):
         lines.append(f"  MLflow     run {run_id}: {run_page(cfg, run_id)}")
     else:
@@ -169,7 +170,6 @@ def _cmd_import_config(args) -> int:
 
 def _cmd_doctor(args) -> int:
     from fluxray.advise.doctor import doctor, format_checks
-
     from fluxray.errors import ConfigError
 
     cfg, error = None, None
@@ -255,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup(args.verbose, models=args.command == "train")
-    if args.command in ("train", "serve"):
+    setup(args.verbose)
+    if args.command == "serve" or (args.command == "train" and not args.local):
         # Before Ray is imported: it reads the auth mode once, and a fresh machine has no token yet.
         from fluxray.cluster import ensure_auth_token
 

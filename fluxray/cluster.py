@@ -29,8 +29,8 @@ def ensure_auth_token() -> Path | None:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     if os.environ.get("RAY_AUTH_TOKEN"):
         return None
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
-    if not path.exists() or not path.read_text().strip():
+    path = auth_token_path()
+    if not has_auth_token():
         import secrets
 
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,6 +46,19 @@ def ensure_auth_token() -> Path | None:
         finally:
             tmp.unlink(missing_ok=True)
     return path
+
+
+def auth_token_path() -> Path:
+    """Where Ray reads the token from: `$RAY_AUTH_TOKEN_PATH`, else `~/.ray/auth_token`."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+
+
+def has_auth_token() -> bool:
+    """Whether this process has a Ray token to give: `$RAY_AUTH_TOKEN` or a non-empty token file."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = auth_token_path()
+    return path.is_file() and bool(path.read_text().strip())
 
 
 def machine_cpus() -> int:

@@ -41,17 +41,16 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "0") not in ("", "0")
 
 
-def setup(verbose_flag: bool = False, *, models: bool = False) -> None:
+def setup(verbose_flag: bool = False) -> None:
     """The driver's logging: fluxray's INFO lines as `LEVEL name: message`; of the libraries, their
-    warnings and errors, less those a user cannot act on; everything with `verbose_flag`.
-    `models`: this process will load models (diffusers is imported now, to switch its bars off)."""
+    warnings and errors, less those a user cannot act on; everything with `verbose_flag`."""
     os.environ[VERBOSE_ENV] = "1" if verbose_flag else "0"
     # Other libraries' INFO lines only with -v.
     logging.basicConfig(level=logging.DEBUG if verbose_flag else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fluxray").setLevel(logging.DEBUG if verbose_flag else logging.INFO)
     if not verbose_flag:
-        _quiet(models)
+        _quiet(models=False)  # nothing heavy is imported for a command that may fail on its config
 
 
 def setup_worker() -> None:
@@ -89,8 +88,7 @@ def _quiet(models: bool) -> None:
             logger.addFilter(_ErrorsOnly())
     # A library imported before this call read its level already.
     for name in ("transformers", "diffusers"):
-        if name in sys.modules or models:
-            logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.ERROR)
     if models or "diffusers" in sys.modules:
         # "Loading pipeline components..." is diffusers' own tqdm switch, not an environment variable.
         from diffusers.utils import logging as diffusers_logging

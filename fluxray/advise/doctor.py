@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from fluxray.cluster import auth_token_path, has_auth_token
 from fluxray.config import TINY_MODEL, JobConfig
 from fluxray.errors import ConfigError
 
@@ -97,7 +98,7 @@ def check_ray(address: str | None = None, timeout: float = 30.0) -> Check:
     token fluxray would use (see `fluxray.cluster.ensure_auth_token`; nothing is written here)."""
     env = {**os.environ, **({"RAY_ADDRESS": address} if address else {})}
     where = env.get("RAY_ADDRESS") or "this machine's `ray start` cluster"
-    token = _auth_token()
+    token = has_auth_token()
     if token and env.get("RAY_AUTH_MODE") is None:
         env["RAY_AUTH_MODE"] = "token"  # as every fluxray process runs
     hostport = _host_port(where)
@@ -116,11 +117,12 @@ def check_ray(address: str | None = None, timeout: float = 30.0) -> Check:
         return Check("ray", "ok", f"cluster at {info['address']}: {info['nodes']} node(s), {info['cpus']:g} CPUs, "
                                   f"{info['gpus']:g} GPUs", facts={"gpus": info["gpus"]})
     err = r.stderr.lower()
-    path = _token_path()
+    path = auth_token_path()
     if "token" in err or "unauthenticated" in err:
         if not token:
-            return Check("ray", "warning", f"the Ray cluster at {where} wants a token, and this machine has none "
-                                           f"({path} does not exist)",
+            asked = ("RAY_AUTH_MODE=token asks for a Ray token" if env.get("RAY_AUTH_MODE") == "token"
+                     else f"the Ray cluster at {where} wants a token")
+            return Check("ray", "warning", f"{asked}, and this machine has none ({path} does not exist)",
                          "copy the cluster's token to that file (or set RAY_AUTH_TOKEN)")
         return Check("ray", "warning", f"the Ray cluster at {where} refused this machine's token ({path})",
                      "use the cluster's token: copy its ~/.ray/auth_token here, or set RAY_AUTH_TOKEN")
@@ -131,18 +133,6 @@ def check_ray(address: str | None = None, timeout: float = 30.0) -> Check:
     last = (r.stderr.strip().splitlines() or ["no output"])[-1]
     return Check("ray", "warning", f"cannot connect to Ray at {where}: {last[:200]}",
                  "check the address and `ray status`; unset RAY_ADDRESS to start a local cluster")
-
-
-def _token_path() -> Path:
-    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
-
-
-def _auth_token() -> bool:
-    """Whether a Ray auth token is at hand ($RAY_AUTH_TOKEN or the token file)."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    path = _token_path()
-    return path.is_file() and bool(path.read_text().strip())
 
 
 def _host_port(address: str) -> tuple[str, int] | None:

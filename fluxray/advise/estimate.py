@@ -12,7 +12,6 @@ import json
 import math
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 
 from fluxray.config import TINY_MODEL, JobConfig
 from fluxray.errors import ConfigError
@@ -38,21 +37,14 @@ def model_dims(cfg: JobConfig) -> tuple[dict, str]:
     """The transformer config the count uses, and where it came from.
 
     A local folder (or the built tiny model) and a hub id already in the HF cache give their
-    own `transformer/config.json`; anything else is taken to be FLUX.1-dev.
+    own `transformer/config.json`; anything else is taken to be FLUX.1-dev. A `model.path` that
+    is neither a folder nor a hub id is a `ConfigError`.
     """
-    from fluxray.model.source import model_source
+    from fluxray.model.source import local_model_folder
 
-    kind = model_source(cfg.model.path)  # a path that is neither a folder nor a hub id fails here
-    path = Path(cfg.model.path).expanduser()
-    if kind == "tiny":
-        path = cfg.storage_root / "models" / "tiny-flux"
-    found = path / "transformer" / "config.json"
-    if kind == "hub":
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(cfg.model.path, "transformer/config.json", revision=cfg.model.revision)
-        found = Path(cached) if isinstance(cached, str) else found
-    if found.is_file():
+    folder = local_model_folder(cfg)
+    found = folder / "transformer" / "config.json" if folder else None
+    if found is not None and found.is_file():
         return json.loads(found.read_text()), str(found)
     return dict(FLUX1_DEV), "FLUX.1-dev" + (" (assumed: the tiny model is not built yet)" if cfg.model.path == TINY_MODEL
                                             else " (assumed)")

@@ -174,19 +174,9 @@ def dataset_texts(cfg: JobConfig, trigger: str | None) -> list[str]:
 def _tokenizers(cfg: JobConfig):
     """(CLIP, T5) tokenizers of `model.path` when they are on this machine (a folder, the built
     tiny model or the HF cache); None otherwise. Nothing is downloaded."""
-    from fluxray.model.source import model_source
+    from fluxray.model.source import local_model_folder
 
-    kind = model_source(cfg.model.path)
-    folder = None
-    if kind == "tiny":
-        folder = cfg.storage_root / "models" / "tiny-flux"
-    elif kind == "folder":
-        folder = Path(cfg.model.path).expanduser()
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        index = try_to_load_from_cache(cfg.model.path, "model_index.json", revision=cfg.model.revision)
-        folder = Path(index).parent if isinstance(index, str) else None
+    folder = local_model_folder(cfg)
     if folder is None or not (folder / "tokenizer").is_dir() or not (folder / "tokenizer_2").is_dir():
         return None
     from transformers import AutoTokenizer

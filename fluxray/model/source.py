@@ -33,3 +33,19 @@ def model_source(path: str) -> Literal["tiny", "folder", "hub"]:
         raise ConfigError(f"model.path: {path!r} does not exist (no such folder, and not a hub id); "
                           f"use {VALID_MODEL_PATHS}") from None
     return "hub"
+
+
+def local_model_folder(cfg) -> Path | None:
+    """The folder `model.path` loads from on this machine: the built tiny model, the folder itself
+    or a hub id's snapshot in the HF cache; None when it is not here yet. Nothing is downloaded."""
+    kind = model_source(cfg.model.path)
+    if kind == "tiny":
+        folder = cfg.storage_root / "models" / "tiny-flux"
+    elif kind == "folder":
+        folder = Path(cfg.model.path).expanduser()
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        index = try_to_load_from_cache(cfg.model.path, "model_index.json", revision=cfg.model.revision)
+        folder = Path(index).parent if isinstance(index, str) else None
+    return folder if folder is not None and folder.is_dir() else None
