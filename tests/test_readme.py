@@ -77,3 +77,22 @@ def test_demo_command_trains_quietly_and_ends_with_what_to_open_next(tmp_path):
     assert client.get_run(run_id).info.status == "FINISHED"
     images = {a.path.split("+")[0] + "@" + a.path.split("+")[2] for a in client.list_artifacts(run_id, "images")}
     assert {f"images/{k}@{s}" for k in ("sample_0", "grid") for s in (0, 20, 40)} <= images
+
+
+def test_the_cluster_lines_make_the_ray_token_before_ray_start(tmp_path):
+    """Ray 2.60's `ray start --head` refuses to start without a token: on a fresh machine (an
+    empty HOME) the documented line before it makes one, and never replaces it."""
+    for doc in (REPO / "README.md", REPO / "docs" / "cluster.md"):
+        lines = [ln for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S) for ln in block.splitlines()]
+        made = next(i for i, ln in enumerate(lines) if ln.startswith("ray get-auth-token --generate"))
+        start = next(i for i, ln in enumerate(lines) if "ray start --head" in ln)
+        assert made < start, doc
+    line = lines[made].split(" #")[0]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "HOME": str(tmp_path),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run(line, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    token = tmp_path / ".ray" / "auth_token"
+    assert r.returncode == 0 and r.stdout == "" and token.read_text().strip(), r.stderr
+    first = token.read_text()
+    assert subprocess.run(line, shell=True, cwd=REPO, env=env, timeout=300).returncode == 0
+    assert token.read_text() == first
