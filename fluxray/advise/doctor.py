@@ -127,8 +127,8 @@ def check_ray(address: str | None = None, timeout: float = 30.0) -> Check:
         return Check("ray", "warning", f"the Ray cluster at {where} refused this machine's token ({path})",
                      "use the cluster's token: copy its ~/.ray/auth_token here, or set RAY_AUTH_TOKEN")
     if "FLUXRAY_PROBE_NONE" in r.stdout:
-        made = "" if token else f"; it makes the Ray token ({path}) too, as there is none yet"
-        return Check("ray", "ok", f"no running cluster: jobs start a local one{made}",
+        made = "" if token else f", and the Ray token ({path}), as there is none yet"
+        return Check("ray", "ok", f"no running cluster: a job starts a local one{made}",
                      "" if token else "for a shared cluster: `ray get-auth-token --generate`, then `ray start --head`")
     last = (r.stderr.strip().splitlines() or ["no output"])[-1]
     return Check("ray", "warning", f"cannot connect to Ray at {where}: {last[:200]}",
