@@ -40,6 +40,12 @@ DEFAULT_LORA_TARGETS = [
 ]
 
 
+def _refuse_fp16(v: Any) -> Any:
+    if v == "fp16":
+        raise ValueError("fp16 is not offered: FLUX's activations overflow it; use bf16 (or fp32), got 'fp16'")
+    return v
+
+
 class _Section(BaseModel):
     # Unknown keys are errors, not silently ignored typos.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -50,8 +56,13 @@ class ModelConfig(_Section):
 
     path: str = Field("black-forest-labs/FLUX.1-dev", description="Base FLUX pipeline: a local diffusers folder, a hub id, or `tiny` for the embedded random-weight model.")
     revision: str | None = Field(None, description="Hub revision of `path` (branch, tag or commit).")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="Dtype of the frozen base weights; `auto` is bf16 on GPU, fp32 on CPU.")
+    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="Dtype the frozen base weights are held in: `bf16`, `fp32`, or `auto` (bf16 on a GPU with bf16, else fp32). The LoRA, its AdamW state and the EMA are fp32 whatever this says (docs/architecture.md, Precision).")
     max_sequence_length: int = Field(512, ge=1, le=512, description="T5 tokens per caption: 512 for dev, 256 for schnell.")
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _no_fp16(cls, v: Any) -> Any:
+        return _refuse_fp16(v)
 
 
 class DatasetConfig(_Section):
@@ -118,12 +129,18 @@ class TrainConfig(_Section):
     timestep_sampling: Literal["sigmoid", "uniform"] = Field("sigmoid", description="σ distribution: sigmoid (logit-normal) or uniform on (0, 1).")
     timestep_shift: float = Field(1.0, gt=0, description="σ' = sσ/(1+(s-1)σ); 1 is no shift, kohya recommends 3.1582.")
     guidance: float = Field(1.0, ge=0, description="Guidance-embedding value fed to FLUX.1-dev while training.")
-    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field("auto", description="Compute precision; `auto` is bf16 on GPU, fp32 on CPU.")
+    mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="Autocast dtype of the forward: `bf16`, `no` (fp32), or `auto` (bf16 on a GPU with bf16 or over a bf16 base, else `no`). The LoRA trains in fp32 either way; no fp16, which FLUX overflows.")
     gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="Recompute activations in backward; `auto` turns it on only when memory needs it.")
-    compile: bool = Field(False, description="torch.compile the transformer (first steps are slower).")
+    compile: bool = Field(False, description="Compile the transformer with torch.compile through DeepSpeed's `engine.compile()` (the first steps are slower).")
     early_stop: bool = Field(False, description="Stop (and save) once the fixed-noise validation loss has plateaued.")
     early_stop_patience: int = Field(5, ge=1, description="Validations without an `early_stop_min_delta` improvement that count as a plateau.")
     early_stop_min_delta: float = Field(0.01, ge=0, lt=1, description="Relative drop of the smoothed validation loss that counts as an improvement.")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _precision_words(cls, v: Any) -> Any:
+        # YAML reads `no` as false.
+        return "no" if v is False else _refuse_fp16(v)
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -274,6 +291,10 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobConfig":
+        if self.model.dtype == "bf16" and self.train.mixed_precision == "no":
+            raise ValueError("model.dtype=bf16 computes in bf16, which train.mixed_precision=no refuses: set "
+                             "train.mixed_precision to bf16 (or auto), or model.dtype to fp32, got model.dtype=bf16 "
+                             "with train.mixed_precision=no")
         if self.train.warmup_steps >= self.train.steps and self.train.warmup_steps > 0:
             raise ValueError(
                 f"train.warmup_steps ({self.train.warmup_steps}) must be below train.steps ({self.train.steps})")

@@ -18,7 +18,7 @@ from fluxray.errors import ConfigError
 
 _DTYPES = {"float16": "fp16", "fp16": "fp16", "half": "fp16", "bfloat16": "bf16", "bf16": "bf16",
            "float32": "fp32", "fp32": "fp32", "float": "fp32"}
-_PRECISION = {"fp16": "fp16", "bf16": "bf16", "fp32": "no"}
+_PRECISION = {"bf16": "bf16", "fp32": "no"}  # train.dtype -> train.mixed_precision; no fp16 (see precision)
 _OPTIMIZERS = ("adamw", "adamw8bit", "adam8bit", "adam")
 _SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 _TIMESTEPS = {"sigmoid": "sigmoid", "linear": "uniform"}  # ai-toolkit `linear` spaces σ evenly
@@ -233,7 +233,11 @@ def _train(im: _Importer) -> dict:
     def precision(p, v):
         if str(v).lower() not in _DTYPES:
             raise ConfigError(f"{p}: unknown dtype {v!r} (bf16, fp16 or fp32)")
-        im.set(p, "train.mixed_precision", _PRECISION[_DTYPES[str(v).lower()]])
+        dtype = _DTYPES[str(v).lower()]
+        if dtype not in _PRECISION:
+            return im.skip(p, f"fluxray does not train in {v} (FLUX's activations overflow fp16): it trains the LoRA in "
+                              "fp32 with a bf16 forward (train.mixed_precision: auto, which is bf16 on a GPU)")
+        im.set(p, "train.mixed_precision", _PRECISION[dtype])
 
     def ema(p, v):
         table = {"use_ema": lambda q, w: im.set(q, "train.ema", bool(w)),

@@ -26,7 +26,13 @@ class StepSpec:
     timestep_shift: float = 1.0
     caption_dropout: float = 0.0
     device: torch.device = torch.device("cpu")
+    #: The inputs' dtype: the base weights'.
     dtype: torch.dtype = torch.float32
+    #: The forward's autocast dtype (bf16), None for none (`fluxray.train.precision`).
+    autocast: torch.dtype | None = None
+
+    def forward_context(self):
+        return torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
 
 
 def flux_forward(transformer, packed: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor,
@@ -58,7 +64,8 @@ def training_loss(transformer, batch: list[Item], captions: list[str], latents: 
     packed = pack_latents(noisy_latents(x0, noise, sigmas))
     img_ids = latent_image_ids(x0.shape[2], x0.shape[3], spec.device, spec.dtype)
     pe, po = _text_batch(texts, embeds, spec)
-    pred = flux_forward(transformer, packed, sigmas, pe, po, img_ids, spec.guidance)
+    with spec.forward_context():
+        pred = flux_forward(transformer, packed, sigmas, pe, po, img_ids, spec.guidance)
     return flow_loss(pred, pack_latents(flow_target(x0, noise)))
 
 
@@ -95,7 +102,8 @@ def validation_loss_sum(transformer, cases: list[ValCase], latents: dict, embeds
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(c.noise_seed)).to(spec.device, spec.dtype)
         sig = torch.tensor([c.sigma], device=spec.device)
         pe, po = _text_batch([c.caption], embeds, spec)
-        pred = flux_forward(transformer, pack_latents(noisy_latents(x0, noise, sig)), sig, pe, po,
-                            latent_image_ids(x0.shape[2], x0.shape[3], spec.device, spec.dtype), spec.guidance)
+        with spec.forward_context():
+            pred = flux_forward(transformer, pack_latents(noisy_latents(x0, noise, sig)), sig, pe, po,
+                                latent_image_ids(x0.shape[2], x0.shape[3], spec.device, spec.dtype), spec.guidance)
         total += flow_loss(pred, pack_latents(flow_target(x0, noise))).item()
     return total

@@ -90,6 +90,16 @@ def test_sample_objects_and_other_shapes():
     assert "prodigy" in why["config.process[0].train.optimizer"]
 
 
+def test_fp16_training_is_reported_not_mapped_with_the_reason():
+    """fluxray trains no fp16 (FLUX overflows it): ai-toolkit's `train.dtype: fp16` is listed with the
+    reason and the default (bf16 autocast on a GPU) applies; an fp16 LoRA file is fine."""
+    r = convert_aitoolkit({"config": {"process": [{"train": {"dtype": "fp16"}, "save": {"dtype": "float16"}}]}})
+    why = dict(r.unmapped)["config.process[0].train.dtype"]
+    assert "overflow fp16" in why and "train.mixed_precision: auto" in why
+    assert r.config.train.mixed_precision == "auto" and r.config.save.dtype == "fp16"
+    assert convert_aitoolkit({"config": {"process": [{"train": {"dtype": "bfloat16"}}]}}).config.train.mixed_precision == "bf16"
+
+
 @pytest.mark.parametrize("doc, words", [
     ({"job": "extension"}, ["config.process[0]"]),
     ({"config": {"process": [{"model": {"is_flux": False, "name_or_path": "sdxl"}}]}}, ["FLUX.1", "is_flux=False"]),
