@@ -149,16 +149,21 @@ def run_job(cfg: JobConfig, local: bool = False, resume: bool = False) -> dict:
 
 
 def run_local(cfg: JobConfig, resume: bool = False, tracker=None) -> dict:
-    """The whole loop in this process: a world of one, checkpoints under the run folder."""
+    """The whole loop in this process: a world of one, checkpoints under the run folder.
+
+    It resumes from the run's newest checkpoint, local or written by its Ray workers (any world
+    size and ZeRO stage).
+    """
+    from fluxray.train.checkpoint import checkpoint_step
     from fluxray.train.engine import init_single_process_group
-    from fluxray.train.loop import STATE_FILE, WorkerContext, train_worker
+    from fluxray.train.loop import WorkerContext, train_worker
 
     ckpt_root = run_dir(cfg) / "checkpoints"
-    resume_dir = latest_checkpoint(ckpt_root) if resume else None
+    resume_dir = latest_checkpoint(cfg) if resume else None
 
-    def report(metrics: dict, ckpt: Path) -> None:
+    def report(metrics: dict, ckpt: Path | None) -> None:
         # Keep the newest `save.keep_last` complete checkpoints.
-        done = sorted(p for p in ckpt_root.iterdir() if (p / STATE_FILE).exists())
+        done = sorted(p for p in ckpt_root.iterdir() if checkpoint_step(p) is not None)
         for old in done[:-cfg.save.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -170,13 +175,16 @@ def run_local(cfg: JobConfig, resume: bool = False, tracker=None) -> dict:
     return train_worker(cfg, ctx, tracker)
 
 
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    from fluxray.train.loop import STATE_FILE
+def latest_checkpoint(cfg: JobConfig) -> Path | None:
+    """The run's newest complete checkpoint: of a local run (`runs/<name>/checkpoints`) or of its
+    Ray workers (`<storage.checkpoints or root/ray>/<name>`, when that is a path here)."""
+    from fluxray.train import checkpoint
+    from fluxray.train.ray_trainer import ray_storage
 
-    if not ckpt_root.exists():
-        return None
-    done = sorted(p for p in ckpt_root.iterdir() if (p / STATE_FILE).exists())
-    return done[-1] if done else None
+    folders = [run_dir(cfg) / "checkpoints"]
+    if "://" not in ray_storage(cfg):
+        folders.append(Path(ray_storage(cfg)) / cfg.save.name)
+    return checkpoint.latest_checkpoint(folders)
 
 
 def summary_json(summary: dict) -> str:

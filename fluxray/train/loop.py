@@ -1,15 +1,21 @@
-"""The training recipe: set up → cache → train → preview → save, on every rank.
+"""The training recipe: one rank's whole job, as named phases that run in order.
 
-`train_worker` is the whole loop. It runs unchanged in one local process (a world of
-one) and inside each Ray Train worker; `WorkerContext` carries what differs: rank,
-world size, the checkpoint to resume from and how to report a checkpoint.
+    setup_data    the prepared dataset, its aspect buckets, the validation set, the preview prompts
+    load_model    the base pipeline in `model.dtype`, without its text encoders
+    fill_caches   latents and caption embeddings (each rank its share); then the encoders go
+    setup_lora    the fp32 LoRA, gradient checkpointing, the ZeRO stage, the DeepSpeed engine, the EMA
+    resume        LoRA, AdamW state, EMA, LR schedule, step and validation curve from a checkpoint
+    train         the step loop, with validation, saves and previews on their schedules
+    finish        the last previews, the final LoRA file, the summary
+
+`train_worker` runs them unchanged in one local process (a world of one) and inside each Ray
+Train worker; `WorkerContext` carries what differs: rank, world size, the checkpoint to resume
+from and how to report one. Each phase can be driven alone, as the tests do.
 """
 
 from __future__ import annotations
 
-import errno
 import gc
-import json
 import math
 import os
 import shutil
@@ -24,24 +30,21 @@ import torch
 
 from fluxray.advise.convergence import ConvergenceWatch
 from fluxray.advise.similarity import SubjectJudge
-from fluxray.config import JobConfig
-from fluxray.data.buckets import check_fits, make_items, rank_batch
+from fluxray.config import JobConfig, SamplePrompt
+from fluxray.data.buckets import Item, check_fits, make_items, rank_batch
 from fluxray.data.cache import CacheStore, build_caches, model_key
-from fluxray.errors import FluxrayError
 from fluxray.model.generate import generate
 from fluxray.model.kohya import kohya_path, save_kohya
 from fluxray.model.lora import (add_lora, export_state_dict, lora_metadata, lora_named_params,
                                 restore_lora_scale, save_lora, set_lora_scale)
-from fluxray.model.pipeline import is_guidance_distilled, load_pipeline, resolve_device, resolve_dtype, resolve_model_path
+from fluxray.model.pipeline import is_guidance_distilled, load_pipeline, resolve_device, resolve_model_path
 from fluxray.track.flops import lora_step_flops, peak_flops
+from fluxray.train.checkpoint import capture_state, read_checkpoint, restore_state, saving, write_checkpoint
 from fluxray.train.engine import activation_estimate, choose_zero_stage, gathered, init_engine, partition_numel
 from fluxray.train.flow import ema_decay_at, ema_update
+from fluxray.train.precision import resolve_precision
 from fluxray.train.preview import SimilarityLog, log_previews, unlogged_previews
 from fluxray.train.step import StepSpec, training_loss, validation_cases, validation_loss_sum
-
-
-STATE_FILE = "fluxray_state.json"
-LORA_STATE_FILE = "fluxray_lora.safetensors"
 
 
 @dataclass
@@ -51,9 +54,9 @@ class WorkerContext:
     rank: int = 0
     world_size: int = 1
     resume_dir: Path | None = None
-    #: Called on every rank at each save with (metrics, local checkpoint dir).
-    report: Callable[[dict, Path], None] = lambda metrics, ckpt: None
-    #: Where this rank writes a checkpoint before `report` hands it over.
+    #: Called on every rank at each save with (metrics, the checkpoint folder: rank 0's, None elsewhere).
+    report: Callable[[dict, Path | None], None] = lambda metrics, ckpt: None
+    #: Where rank 0 writes a checkpoint before `report` hands it over.
     checkpoint_dir: Callable[[int], Path] = field(default=lambda step: Path("checkpoints") / f"step{step:06d}")
     #: Previews go to a preview actor (`fluxray.train.preview`): no rank renders them.
     preview_actor: bool = False
@@ -78,6 +81,19 @@ class RunPaths:
 
     def step_lora(self, step: int) -> Path:
         return self.run_dir / "loras" / f"{self.name}-step{step:06d}.safetensors"
+
+
+@dataclass
+class TrainData:
+    """The prepared dataset as the loop reads it."""
+
+    trigger: str
+    content_hash: str
+    images: list[Path]
+    captions: list[str]
+    #: Every (image, aspect bucket) pair the resolutions allow.
+    items: list[Item]
+    prompts: list[SamplePrompt]
 
 
 def _seed_for(seed: int, rank: int, micro_step: int) -> int:
@@ -123,289 +139,370 @@ class _Progress:
 
 def train_worker(cfg: JobConfig, ctx: WorkerContext, tracker=None) -> dict:
     """Run (or resume) the whole job on this rank; returns a summary. `tracker` only on rank 0."""
-    from fluxray.data.prepare import read_prepared
+    return LoraRecipe(cfg, ctx, tracker).run()
 
-    rank, world = ctx.rank, ctx.world_size
-    is_main = rank == 0
-    device = resolve_device()
-    base_dtype = resolve_dtype(cfg.model.dtype, device)
-    bf16 = device.type == "cuda" and cfg.train.mixed_precision in ("auto", "bf16")
-    torch.manual_seed(cfg.train.seed)
-    paths = RunPaths(cfg.storage_root, cfg.save.name)
 
-    # -- data ---------------------------------------------------------------------------
-    from PIL import Image
+class LoraRecipe:
+    """One rank's job; `run` calls the phases in order, each sets what the next ones read."""
 
-    dataset = read_prepared(Path(cfg.dataset.path))
-    trigger = cfg.dataset.trigger_word or dataset.info.trigger_word
-    images = [path for path, _ in dataset.items]
-    captions = [text for _, text in dataset.items]
-    sizes = []
-    for path in images:
-        with Image.open(path) as im:  # header only
-            sizes.append(im.size)
-    items = make_items(sizes, cfg.dataset.resolutions)
-    check_fits(items, cfg.train.batch_size, world)
-    prompts = cfg.sample_prompts(trigger)
+    def __init__(self, cfg: JobConfig, ctx: WorkerContext, tracker=None):
+        self.cfg, self.ctx, self.tracker = cfg, ctx, tracker
+        self.rank, self.world = ctx.rank, ctx.world_size
+        self.is_main = self.rank == 0  # who logs, writes the LoRA files and the checkpoint
+        self.device = resolve_device()
+        self.precision = resolve_precision(cfg, self.device)
+        self.paths = RunPaths(cfg.storage_root, cfg.save.name)
+        self.renderer = ctx.preview_renderer
+        self.watch = ConvergenceWatch(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
+        self.similarity = SimilarityLog(tracker)
+        self.start = self.done = 0
+        self.last_loss = float("nan")
+        self.cache_seconds = self.sample_seconds = self.train_seconds = 0.0
+        self.encoders_loaded = False
+        self.judge: SubjectJudge | None = None
+        torch.manual_seed(cfg.train.seed)
 
-    # -- model and caches ---------------------------------------------------------------
-    model_path = resolve_model_path(cfg)
-    pipe = load_pipeline(model_path, base_dtype, cfg.model.revision, device, text_encoders=False)
-    store = CacheStore(cfg.storage_root, model_key(model_path, cfg.model.revision), cfg.model.max_sequence_length)
+    def run(self) -> dict:
+        self.setup_data()
+        self.load_model()
+        self.fill_caches()
+        self.setup_lora()
+        self.resume()
+        self.train()
+        return self.finish()
 
-    encoders_loaded = False
+    # -- phases ---------------------------------------------------------------------------
 
-    def load_text_encoders():
-        nonlocal encoders_loaded
+    def setup_data(self) -> None:
+        """The prepared dataset, its (image, bucket) items, the fixed validation set and the prompts."""
+        from PIL import Image
+
+        from fluxray.data.prepare import read_prepared
+
+        cfg = self.cfg
+        dataset = read_prepared(Path(cfg.dataset.path))
+        trigger = cfg.dataset.trigger_word or dataset.info.trigger_word
+        images = [path for path, _ in dataset.items]
+        sizes = []
+        for path in images:
+            with Image.open(path) as im:  # header only
+                sizes.append(im.size)
+        items = make_items(sizes, cfg.dataset.resolutions)
+        check_fits(items, cfg.train.batch_size, self.world)
+        self.data = TrainData(trigger=trigger, content_hash=dataset.info.content_hash, images=images,
+                              captions=[text for _, text in dataset.items], items=items,
+                              prompts=cfg.sample_prompts(trigger))
+        self.val = validation_cases(items, self.data.captions, cfg.validation.images, cfg.validation.sigmas,
+                                    cfg.train.seed)
+        self.val_per_rank = math.ceil(len(self.val) / self.world)
+        self.my_val = self.val[self.rank * self.val_per_rank:(self.rank + 1) * self.val_per_rank]
+
+    def load_model(self) -> None:
+        """The base pipeline, its weights in `model.dtype` on this rank's device, without the text
+        encoders (a cached job never needs T5; `fill_caches` attaches them if a caption is missing),
+        and what the step needs to know of it (`spec`)."""
+        cfg = self.cfg
+        self.model_path = resolve_model_path(cfg)
+        self.pipe = load_pipeline(self.model_path, self.precision.base, cfg.model.revision, self.device,
+                                  text_encoders=False)
+        vae = self.pipe.vae.config
+        self.spec = StepSpec(
+            shift_factor=vae.shift_factor or 0.0, scaling_factor=vae.scaling_factor,
+            guidance=cfg.train.guidance if is_guidance_distilled(self.pipe.transformer) else None,
+            timestep_sampling=cfg.train.timestep_sampling, timestep_shift=cfg.train.timestep_shift,
+            caption_dropout=cfg.dataset.caption_dropout, device=self.device, dtype=self.precision.base,
+            autocast=self.precision.compute)
+
+    def fill_caches(self) -> None:
+        """Latents of every item and embeddings of every caption and prompt (each rank fills its share
+        of what is missing); then the text encoders and the VAE encoder go: the step reads the caches."""
         from fluxray.model import pipeline as pipeline_mod
 
-        pipeline_mod.attach_text_encoders(pipe, model_path, base_dtype, cfg.model.revision, device)
-        encoders_loaded = True
+        cfg, pipe, data, device = self.cfg, self.pipe, self.data, self.device
 
-    t0 = time.time()
-    caches = build_caches(pipe, store=store, images=images, items=items,
-                          texts=captions + [""] + [p.prompt for p in prompts],
-                          load_text_encoders=load_text_encoders, rank=rank, world_size=world,
-                          cache_latents=cfg.dataset.cache_latents, cache_texts=cfg.dataset.cache_text_embeddings,
-                          barrier=torch.distributed.barrier if world > 1 else (lambda: None))
-    cache_seconds = time.time() - t0
-    renderer = ctx.preview_renderer
-    if renderer is not None:  # once: the actor never loads the text encoders
-        renderer.start.remote(prompts, {p.prompt: caches.texts[p.prompt] for p in prompts})
-    # The step reads only the caches: drop the text encoders and the VAE encoder.
-    if cfg.dataset.cache_text_embeddings:
-        pipe.text_encoder = pipe.text_encoder_2 = None
-    if cfg.dataset.cache_latents:
-        pipe.vae.encoder = None
-        if device.type == "cuda":  # the decoder waits on the CPU until a preview needs it
-            pipe.vae.to("cpu")
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+        def load_text_encoders():
+            pipeline_mod.attach_text_encoders(pipe, self.model_path, self.precision.base, cfg.model.revision, device)
+            self.encoders_loaded = True
 
-    transformer = pipe.transformer
-    spec = StepSpec(shift_factor=pipe.vae.config.shift_factor or 0.0, scaling_factor=pipe.vae.config.scaling_factor,
-                    guidance=cfg.train.guidance if is_guidance_distilled(transformer) else None,
-                    timestep_sampling=cfg.train.timestep_sampling, timestep_shift=cfg.train.timestep_shift,
-                    caption_dropout=cfg.dataset.caption_dropout, device=device,
-                    dtype=torch.bfloat16 if bf16 else base_dtype)
+        t0 = time.time()
+        store = CacheStore(cfg.storage_root, model_key(self.model_path, cfg.model.revision),
+                           cfg.model.max_sequence_length)
+        self.caches = build_caches(
+            pipe, store=store, images=data.images, items=data.items,
+            texts=data.captions + [""] + [p.prompt for p in data.prompts], load_text_encoders=load_text_encoders,
+            rank=self.rank, world_size=self.world, cache_latents=cfg.dataset.cache_latents,
+            cache_texts=cfg.dataset.cache_text_embeddings,
+            barrier=torch.distributed.barrier if self.world > 1 else (lambda: None))
+        self.cache_seconds = time.time() - t0
+        if self.renderer is not None:  # once: the actor never loads the text encoders
+            self.renderer.start.remote(data.prompts, {p.prompt: self.caches.texts[p.prompt] for p in data.prompts})
+        if cfg.dataset.cache_text_embeddings:
+            pipe.text_encoder = pipe.text_encoder_2 = None
+        if cfg.dataset.cache_latents:
+            pipe.vae.encoder = None
+            if device.type == "cuda":  # the decoder waits on the CPU until a preview needs it
+                pipe.vae.to("cpu")
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    # -- LoRA and the DeepSpeed engine ----------------------------------------------------
-    base_params = sum(p.numel() for p in transformer.parameters())
-    gpu_mem = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    tokens = max(w * h for w, h in {it.size for it in items}) // 256 + cfg.model.max_sequence_length
-    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    layers = transformer.config.num_layers + transformer.config.num_single_layers
-    checkpointing = cfg.train.gradient_checkpointing == "on"
-    act = activation_estimate(hidden, layers, tokens, cfg.train.batch_size, 2 if bf16 else 4, checkpointing)
-    if cfg.train.gradient_checkpointing == "auto" and gpu_mem is not None:
-        checkpointing = base_params * 2 + act > 0.85 * gpu_mem
-        act = activation_estimate(hidden, layers, tokens, cfg.train.batch_size, 2, checkpointing)
-    if checkpointing:
-        transformer.enable_gradient_checkpointing()
-    stage, reason = choose_zero_stage(cfg.distributed.zero_stage, base_params=base_params,
-                                      bytes_per_param=2 if bf16 else 4, gpu_memory=gpu_mem, activation_bytes=act)
-    if is_main:
-        print(f"ZeRO stage {stage}: {reason}", flush=True)
+    def setup_lora(self) -> None:
+        """The LoRA (fp32), gradient checkpointing, the ZeRO stage, the DeepSpeed engine and the EMA."""
+        cfg, device, precision = self.cfg, self.device, self.precision
+        transformer = self.pipe.transformer
+        compute_bytes = (precision.compute or torch.float32).itemsize
+        base_params = sum(p.numel() for p in transformer.parameters())
+        gpu_mem = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        tokens = max(w * h for w, h in {it.size for it in self.data.items}) // 256 + cfg.model.max_sequence_length
+        hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        layers = transformer.config.num_layers + transformer.config.num_single_layers
+        self.checkpointing = cfg.train.gradient_checkpointing == "on"
+        act = activation_estimate(hidden, layers, tokens, cfg.train.batch_size, compute_bytes, self.checkpointing)
+        if cfg.train.gradient_checkpointing == "auto" and gpu_mem is not None:
+            self.checkpointing = base_params * precision.base.itemsize + act > 0.85 * gpu_mem
+            act = activation_estimate(hidden, layers, tokens, cfg.train.batch_size, compute_bytes, self.checkpointing)
+        if self.checkpointing:
+            transformer.enable_gradient_checkpointing()
+        stage, reason = choose_zero_stage(cfg.distributed.zero_stage, base_params=base_params,
+                                          bytes_per_param=precision.base.itemsize, gpu_memory=gpu_mem,
+                                          activation_bytes=act)
+        if self.is_main:
+            print(f"ZeRO stage {stage}: {reason}", flush=True)
+            print(f"precision: {precision.describe()}", flush=True)
 
-    lora_params = add_lora(transformer, cfg.lora, seed=cfg.train.seed)
-    names = list(lora_named_params(transformer))
-    if cfg.train.compile:
-        transformer = torch.compile(transformer)
-    engine, optimizer, schedule = init_engine(transformer, lora_params, cfg, world, stage, bf16)
-    module = engine.module
-    shards = None
-    if stage == 3:  # what each rank really holds of the transformer, from DeepSpeed's partitions
-        shards = [None] * world
-        torch.distributed.all_gather_object(shards, partition_numel(module))
-    with gathered(lora_params, stage):
-        ema = [p.detach().float().clone() for p in lora_params] if cfg.train.ema else None
+        params = add_lora(transformer, cfg.lora, seed=cfg.train.seed)
+        for p in params:  # peft makes the LoRA in the base's dtype: it trains in fp32 (see precision)
+            p.data = p.data.to(precision.trainable)
+        self.lora = init_engine(transformer, params, list(lora_named_params(transformer)), cfg, self.world, stage)
+        self.shards = None
+        if stage == 3:  # what each rank really holds of the transformer, from DeepSpeed's partitions
+            self.shards = [None] * self.world
+            torch.distributed.all_gather_object(self.shards, partition_numel(self.lora.module))
+        if cfg.train.ema:
+            self.lora.ema = [v.detach().float().clone() for v in self.lora.values()]
 
-    # -- resume ---------------------------------------------------------------------------
-    start = 0
-    if ctx.resume_dir is not None:
-        start, ema, resumed_state = _load_checkpoint(engine, ctx.resume_dir, lora_params, names, ema, stage, world)
-        if is_main:
-            print(f"resumed from {ctx.resume_dir} at step {start}", flush=True)
+    def resume(self) -> None:
+        """From `ctx.resume_dir`: the LoRA (module and master copy), AdamW's state, the EMA, the LR
+        schedule's position, the step and the validation curve; what could not be kept is logged."""
+        if self.ctx.resume_dir is None:
+            return
+        state = read_checkpoint(self.ctx.resume_dir)
+        notes = restore_state(self.lora, state, self.world)
+        self.start = self.done = state.step
+        self.watch.restore(state.loop.get("convergence"), self.start)  # early stop and the best file carry on
+        if self.is_main:
+            for line in notes:
+                print(f"resume: {line}", flush=True)
+            print(f"resumed from {self.ctx.resume_dir} at step {self.start}", flush=True)
 
-    val = validation_cases(items, captions, cfg.validation.images, cfg.validation.sigmas, cfg.train.seed)
-    per_rank = math.ceil(len(val) / world)
-    my_val = val[rank * per_rank:(rank + 1) * per_rank]
-    watch = ConvergenceWatch(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
-    if ctx.resume_dir is not None:  # the curve so far: early stop and the best file carry on
-        watch.restore(resumed_state.get("convergence"), start)
+    def train(self) -> None:
+        """The step loop from `start`: validation every `validation_every`, a save (LoRA file and
+        checkpoint) every `save.every`, previews every `sample.every`; to `train.steps`, or to an
+        early stop."""
+        cfg, tracker = self.cfg, self.tracker
+        # The previews' similarity to the training images (`validation.embedding_model`), scored where
+        # they are rendered: rank 0 inline (the preview actor scores its own), logged by rank 0.
+        if cfg.validation.embedding_model and self.is_main and not self.ctx.preview_actor and cfg.sample.every:
+            self.judge = SubjectJudge.for_job(cfg, self.data.images, self.data.prompts, self.data.trigger)
+        if self.is_main and tracker:
+            tracker.status(state="running", step=self.start, total=cfg.train.steps, zero_stage=self.lora.stage,
+                           zero3_shards=self.shards, cache_seconds=self.cache_seconds,
+                           cache=self.caches.stats.__dict__)
+        if self.start == 0:
+            self.validate(0)
+            if cfg.sample.every:
+                self.preview(0, None)
+        elif self.renderer is not None:
+            for step, lora in unlogged_previews(self.paths.run_dir, self.start, cfg.sample.every, self.paths.step_lora):
+                self.renderer.submit.remote(step, lora)
 
-    def validate(step: int) -> float:
-        engine.eval()
-        # The weights the LoRA file gets (the EMA when on): the curve, the plateau and the best
-        # checkpoint judge the files a user keeps, not the live weights.
-        with _holding(lora_params, ema, stage):
-            s = validation_loss_sum(engine, my_val, caches.latents, caches.texts, spec)
-            # Under ZeRO-3 every rank must run the same number of forwards: pad with repeats.
-            if stage == 3 and len(my_val) < per_rank:
-                validation_loss_sum(engine, val[:per_rank - len(my_val)], caches.latents, caches.texts, spec)
-        total = _all_reduce_sum([s], world)[0]
-        engine.train()
-        loss = total / len(val)
-        if tracker:
-            tracker.log_metrics({"val_loss": loss}, step)
-        watch.add(step, loss, tracker)  # every rank: they all agree when to stop early
-        return loss
+        progress = _Progress(cfg.train.steps, self.start, self.is_main)
+        self.lora.engine.train()
+        last_status = 0.0
+        for step in range(self.start, cfg.train.steps):
+            t = time.time()
+            loss, flops = self.train_step(step)
+            self.done = step + 1
+            _maybe_crash_for_test(self.done, self.rank, self.paths.run_dir)
+            self.last_loss = _all_reduce_sum([loss], self.world)[0] / self.world
+            dt = time.time() - t
+            self.train_seconds += dt
+            self.log_step(dt, flops)
+            progress.update(self.done, self.last_loss, self.train_seconds / (self.done - self.start))
+            final = self.done == cfg.train.steps
+            if self.done % cfg.validation_every == 0 or final:
+                self.validate(self.done)
+                final = final or (cfg.train.early_stop and self.watch.converged)
+            tensors = None
+            if self.done % cfg.save.every == 0 or final:
+                tensors = self.save(self.done)
+            if cfg.sample.every and (self.done % cfg.sample.every == 0 or final):
+                if tensors is None:
+                    # Every previewed step keeps its LoRA file (locally, not as an MLflow artifact), so
+                    # `POST /v1/generate` with `<run>@<step>` can reproduce any preview.
+                    tensors = self.file_tensors()
+                    self.save_lora_file(self.done, tensors, preview_only=True)
+                self.preview(self.done, tensors)
+            if self.is_main and tracker and (final or time.time() - last_status > 1.0):  # a file write, not every step
+                last_status = time.time()
+                tracker.status(step=self.done, loss=self.last_loss,
+                               sec_per_step=self.train_seconds / (self.done - self.start),
+                               sample_seconds=self.sample_seconds)
+                if self.renderer is not None:
+                    self.similarity.poll(self.renderer)
+            if final:
+                break
+        progress.close()
 
-    def file_tensors() -> dict[str, torch.Tensor]:
-        with gathered(lora_params, stage):
-            values = ema if ema is not None else [p.detach() for p in lora_params]
-            return export_state_dict(dict(zip(names, values)), cfg.lora.scale, cfg.save.dtype)
+    def finish(self) -> dict:
+        """The preview actor's last previews, the final LoRA file (`loras/<name>.safetensors`, and its
+        kohya copy), the finished status; returns the run's summary."""
+        tracker, paths = self.tracker, self.paths
+        preview_wait, rendered = 0.0, {"render_seconds": self.sample_seconds, "skipped": []}
+        if self.renderer is not None:  # the final previews are logged before the job ends
+            import ray
 
-    def save_file(step: int, tensors, preview_only: bool = False) -> Path | None:
-        if not is_main:
-            return None
-        meta = lora_metadata(trigger_word=trigger, base_model=cfg.model.path, rank=cfg.lora.rank,
-                             alpha=cfg.lora.alpha or cfg.lora.rank, steps=step,
-                             resolution=cfg.dataset.resolutions, name=paths.name,
-                             extra={"ema": cfg.train.ema, "dataset_hash": dataset.info.content_hash})
-        path = save_lora(paths.step_lora(step), tensors, meta)
-        if cfg.save.kohya and not preview_only:
-            save_kohya(path, tensors, meta)
-        watch.saved(step, path, tracker)
-        if tracker and not preview_only:
-            tracker.log_artifact(path, "checkpoints")
-        return path
-
-    # The previews' similarity to the training images (`validation.embedding_model`): scored where
-    # they are rendered (rank 0 inline, else the preview actor), logged by rank 0.
-    judge = None
-    if cfg.validation.embedding_model and is_main and not ctx.preview_actor and cfg.sample.every:
-        judge = SubjectJudge.for_job(cfg, images, prompts, trigger)
-    similarity = SimilarityLog(tracker)
-
-    def previews(step: int, tensors) -> float:
-        """Seconds this rank stops training for the step's previews."""
-        t = time.time()
-        if not ctx.preview_actor:
-            shown = sample_previews(pipe, module, lora_params, tensors, names, prompts, caches.texts, rank, world,
-                                    stage, step, tracker)
-            if judge is not None:
-                similarity.add([(step, judge.score(shown))])
-            engine.train()
-        elif renderer is not None:  # the step's LoRA file is saved: hand it over, don't wait
-            renderer.submit.remote(step, None if tensors is None else str(paths.step_lora(step)))
-        return time.time() - t
-
-    if is_main and tracker:
-        tracker.status(state="running", step=start, total=cfg.train.steps, zero_stage=stage,
-                       zero3_shards=shards, cache_seconds=cache_seconds, cache=caches.stats.__dict__)
-    sample_seconds = 0.0
-    if start == 0:
-        validate(0)
-        if cfg.sample.every:
-            sample_seconds += previews(0, None)
-    elif renderer is not None:
-        for step, lora in unlogged_previews(paths.run_dir, start, cfg.sample.every, paths.step_lora):
-            renderer.submit.remote(step, lora)
-
-    # -- the loop -------------------------------------------------------------------------
-    progress = _Progress(cfg.train.steps, start, is_main)
-    engine.train()
-    last_loss = float("nan")
-    done = start
-    train_seconds = 0.0
-    last_status = 0.0
-    peak = peak_flops(torch.cuda.get_device_name(device)) if bf16 else None  # MFU only where it means something
-    for step in range(start, cfg.train.steps):
-        t = time.time()
-        losses, flops = [], 0.0
-        for micro in range(cfg.train.grad_accum):
-            ms = step * cfg.train.grad_accum + micro
-            batch = rank_batch(items, cfg.train.batch_size, cfg.train.seed, world, rank, ms)
-            gen = torch.Generator().manual_seed(_seed_for(cfg.train.seed, rank, ms))
-            loss = training_loss(engine, batch, [captions[it.index] for it in batch], caches.latents,
-                                 caches.texts, spec, gen)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-            flops += lora_step_flops(transformer.config, *batch[0].size, cfg.model.max_sequence_length, len(batch))
-        done = step + 1
-        if ema is not None:
-            with gathered(lora_params, stage):
-                ema_update(ema, lora_params, ema_decay_at(step, cfg.train.ema_decay))
-        _maybe_crash_for_test(done, rank, paths.run_dir)
-        loss_sum, = _all_reduce_sum([sum(losses) / len(losses)], world)
-        last_loss = loss_sum / world
-        dt = time.time() - t
-        train_seconds += dt
-        if is_main and tracker:
-            gn = engine.get_global_grad_norm()
-            images = cfg.train.batch_size * cfg.train.grad_accum * world
-            tracker.log_metrics({"loss": last_loss, "lr": schedule.get_last_lr()[0],
-                                 "grad_norm": float(gn) if gn is not None else float("nan"),
-                                 "step_time": dt, "images_per_sec": images / dt,
-                                 **({"mfu": flops / dt / peak} if peak else {})}, done)
-        progress.update(done, last_loss, train_seconds / (done - start))
-        final = done == cfg.train.steps
-        if done % cfg.validation_every == 0 or final:
-            validate(done)
-            final = final or (cfg.train.early_stop and watch.converged)
-        tensors = None
-        if done % cfg.save.every == 0 or final:
-            tensors = file_tensors()
-            with _saving(paths.step_lora(done), cfg.storage_root, done):
-                save_file(done, tensors)
-            with _saving(ctx.checkpoint_dir(done), cfg.storage_root, done):
-                _save_checkpoint(engine, ctx, done, lora_params, ema, stage, world, names, is_main,
-                                 {"loss": last_loss, "step": done}, {"convergence": watch.state()})
-        if cfg.sample.every and (done % cfg.sample.every == 0 or final):
-            if tensors is None:
-                # Every previewed step keeps its LoRA file (locally, not as an MLflow artifact), so
-                # `POST /v1/generate` with `<run>@<step>` can reproduce any preview.
-                tensors = file_tensors()
-                save_file(done, tensors, preview_only=True)
-            sample_seconds += previews(done, tensors)
-        if is_main and tracker and (final or time.time() - last_status > 1.0):  # a file write, not every step
-            last_status = time.time()
-            tracker.status(step=done, loss=last_loss, sec_per_step=train_seconds / (done - start),
-                           sample_seconds=sample_seconds)
-            if renderer is not None:
-                similarity.poll(renderer)
-        if final:
-            break
-    progress.close()
-    preview_wait, rendered = 0.0, {"render_seconds": sample_seconds, "skipped": []}
-    if renderer is not None:  # the final previews are logged before the job ends
-        import ray
-
-        t = time.time()
-        rendered = ray.get(renderer.finish.remote())
-        preview_wait = time.time() - t
-        similarity.drain(renderer)
-
-    summary = {"steps": done, "convergence": watch.summary(), "start_step": start, "loss": last_loss, "zero_stage": stage,
-               "zero3_shards": shards,
-               "sample_seconds": sample_seconds, "preview_render_seconds": rendered["render_seconds"],
-               "preview_wait_seconds": preview_wait, "previews_skipped": rendered["skipped"],
-               "train_seconds": train_seconds, "cache": caches.stats.__dict__, "encoders_loaded": encoders_loaded}
-    if is_main:
+            t = time.time()
+            rendered = ray.get(self.renderer.finish.remote())
+            preview_wait = time.time() - t
+            self.similarity.drain(self.renderer)
+        summary = {"steps": self.done, "convergence": self.watch.summary(), "start_step": self.start,
+                   "loss": self.last_loss, "zero_stage": self.lora.stage, "zero3_shards": self.shards,
+                   "sample_seconds": self.sample_seconds, "preview_render_seconds": rendered["render_seconds"],
+                   "preview_wait_seconds": preview_wait, "previews_skipped": rendered["skipped"],
+                   "train_seconds": self.train_seconds, "cache": self.caches.stats.__dict__,
+                   "encoders_loaded": self.encoders_loaded}
+        if not self.is_main:
+            return summary
         final_path = paths.final_lora
         final_path.parent.mkdir(parents=True, exist_ok=True)
-        src = paths.step_lora(done)
+        src = paths.step_lora(self.done)
         if src.exists():
-            import shutil
-
             shutil.copyfile(src, final_path)
             if kohya_path(src).exists():
                 shutil.copyfile(kohya_path(src), kohya_path(final_path))
         summary["lora"] = str(final_path)
         if tracker:
             tracker.log_lora(final_path)
-            tracker.status(state="finished", step=done, lora=str(final_path), sample_seconds=sample_seconds,
+            tracker.status(state="finished", step=self.done, lora=str(final_path), sample_seconds=self.sample_seconds,
                            preview_render_seconds=rendered["render_seconds"], preview_wait_seconds=preview_wait)
         print(f"LoRA written to {final_path}", flush=True)
-        print(watch.result.message, flush=True)  # "likely converged at step N; best checkpoint: ..."
-    return summary
+        print(self.watch.result.message, flush=True)  # "likely converged at step N; best checkpoint: ..."
+        return summary
 
+    # -- what the step loop does --------------------------------------------------------
+
+    def micro_batch(self, micro_step: int) -> tuple[list[Item], list[str], torch.Generator]:
+        """This rank's batch, captions and random generator of one micro-step (derived, not drawn)."""
+        cfg = self.cfg
+        batch = rank_batch(self.data.items, cfg.train.batch_size, cfg.train.seed, self.world, self.rank, micro_step)
+        gen = torch.Generator().manual_seed(_seed_for(cfg.train.seed, self.rank, micro_step))
+        return batch, [self.data.captions[it.index] for it in batch], gen
+
+    def train_step(self, step: int) -> tuple[float, float]:
+        """Optimizer step `step` + 1 (its `train.grad_accum` micro-batches), then the EMA's update;
+        returns this rank's mean loss and the step's FLOPs."""
+        cfg, lora = self.cfg, self.lora
+        losses, flops = [], 0.0
+        for micro in range(cfg.train.grad_accum):
+            batch, captions, gen = self.micro_batch(step * cfg.train.grad_accum + micro)
+            loss = training_loss(lora.engine, batch, captions, self.caches.latents, self.caches.texts, self.spec, gen)
+            lora.micro_step(loss)
+            losses.append(loss.item())
+            flops += lora_step_flops(lora.module.config, *batch[0].size, cfg.model.max_sequence_length, len(batch))
+        if lora.ema is not None:
+            with gathered(lora.params, lora.stage):
+                ema_update(lora.ema, lora.params, ema_decay_at(step, cfg.train.ema_decay))
+        return sum(losses) / len(losses), flops
+
+    def log_step(self, seconds: float, flops: float) -> None:
+        if not (self.is_main and self.tracker):
+            return
+        cfg, device = self.cfg, self.device
+        # MFU only where it means something: a GPU computing in bf16.
+        peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" and self.precision.compute else None
+        images = cfg.train.batch_size * cfg.train.grad_accum * self.world
+        self.tracker.log_metrics({"loss": self.last_loss, "lr": self.lora.schedule.get_last_lr()[0],
+                                  "grad_norm": self.lora.grad_norm, "step_time": seconds,
+                                  "images_per_sec": images / seconds,
+                                  **({"mfu": flops / seconds / peak} if peak else {})}, self.done)
+
+    def validate(self, step: int) -> float:
+        """The fixed-noise validation loss of the weights the LoRA file gets (the EMA when on): the curve,
+        the plateau and the best checkpoint judge the files a user keeps, not the live weights."""
+        lora = self.lora
+        lora.engine.eval()
+        with _holding(lora.params, lora.ema, lora.stage):
+            s = validation_loss_sum(lora.engine, self.my_val, self.caches.latents, self.caches.texts, self.spec)
+            # Under ZeRO-3 every rank must run the same number of forwards: pad with repeats.
+            if lora.stage == 3 and len(self.my_val) < self.val_per_rank:
+                validation_loss_sum(lora.engine, self.val[:self.val_per_rank - len(self.my_val)], self.caches.latents,
+                                    self.caches.texts, self.spec)
+        total = _all_reduce_sum([s], self.world)[0]
+        lora.engine.train()
+        loss = total / len(self.val)
+        if self.tracker:
+            self.tracker.log_metrics({"val_loss": loss}, step)
+        self.watch.add(step, loss, self.tracker)  # every rank: they all agree when to stop early
+        return loss
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """The LoRA file's tensors: the EMA when on, else the fp32 values AdamW updates. All ranks."""
+        lora = self.lora
+        values = lora.ema if lora.ema is not None else lora.values()
+        # Copies: in fp32 at scale 1 the export would hand back the live tensors, which the next step changes.
+        return export_state_dict({n: v.detach().clone() for n, v in zip(lora.names, values)}, self.cfg.lora.scale,
+                                 self.cfg.save.dtype)
+
+    def save_lora_file(self, step: int, tensors, preview_only: bool = False) -> Path | None:
+        """The step's LoRA file (rank 0); a save also writes its kohya copy and logs it to MLflow."""
+        if not self.is_main:
+            return None
+        cfg = self.cfg
+        meta = lora_metadata(trigger_word=self.data.trigger, base_model=cfg.model.path, rank=cfg.lora.rank,
+                             alpha=cfg.lora.alpha or cfg.lora.rank, steps=step, resolution=cfg.dataset.resolutions,
+                             name=self.paths.name, extra={"ema": cfg.train.ema, "dataset_hash": self.data.content_hash})
+        path = save_lora(self.paths.step_lora(step), tensors, meta)
+        if cfg.save.kohya and not preview_only:
+            save_kohya(path, tensors, meta)
+        self.watch.saved(step, path, self.tracker)
+        if self.tracker and not preview_only:
+            self.tracker.log_artifact(path, "checkpoints")
+        return path
+
+    def save(self, step: int) -> dict[str, torch.Tensor]:
+        """The step's LoRA file and a checkpoint (rank 0 writes both), then one report; returns the
+        file's tensors."""
+        tensors = self.file_tensors()
+        root = self.cfg.storage_root
+        with saving(self.paths.step_lora(step), root, step):
+            self.save_lora_file(step, tensors)
+        state = capture_state(self.lora, step, self.world, {"convergence": self.watch.state()})
+        ckpt = None
+        if self.is_main:
+            ckpt = self.ctx.checkpoint_dir(step)
+            with saving(ckpt, root, step):
+                write_checkpoint(ckpt, state)
+        self.ctx.report({"loss": self.last_loss, "step": step}, ckpt)
+        return tensors
+
+    def preview(self, step: int, tensors) -> None:
+        """The step's previews: rendered here (inline, every rank stops) or handed to the preview
+        actor (rank 0, from the step's saved file; training goes on)."""
+        t = time.time()
+        if not self.ctx.preview_actor:
+            lora = self.lora
+            shown = sample_previews(self.pipe, lora.module, lora.params, tensors, lora.names, self.data.prompts,
+                                    self.caches.texts, self.rank, self.world, lora.stage, step, self.tracker)
+            if self.judge is not None:
+                self.similarity.add([(step, self.judge.score(shown))])
+            lora.engine.train()
+        elif self.renderer is not None:
+            self.renderer.submit.remote(step, None if tensors is None else str(self.paths.step_lora(step)))
+        self.sample_seconds += time.time() - t
 
 # ---------------------------------------------------------------------------------------
-# Previews, checkpoints
+# Previews
 # ---------------------------------------------------------------------------------------
 
 def sample_previews(pipe, module, lora_params, tensors, names, prompts, texts, rank, world, stage, step, tracker):
@@ -456,57 +553,6 @@ def sample_previews(pipe, module, lora_params, tensors, names, prompts, texts, r
     return None
 
 
-def _save_checkpoint(engine, ctx: WorkerContext, step, lora_params, ema, stage, world, names, is_main, metrics,
-                     loop_state: dict):
-    """All ranks write the DeepSpeed state (LoRA, optimizer, scheduler; not the frozen base) and
-    rank 0 a portable copy (LoRA, EMA, step, `loop_state`) that resumes on any world size; then
-    one report."""
-    from safetensors.torch import save_file
-
-    ckpt = ctx.checkpoint_dir(step)
-    ckpt.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(ckpt), tag="ds", exclude_frozen_parameters=True)
-    with gathered(lora_params, stage):
-        if is_main:
-            tensors = {f"lora/{n}": p.detach().float().cpu().contiguous() for n, p in zip(names, lora_params)}
-            if ema is not None:
-                tensors.update({f"ema/{n}": e.cpu().contiguous() for n, e in zip(names, ema)})
-            save_file(tensors, str(ckpt / LORA_STATE_FILE))
-            # Written last: its presence marks a complete checkpoint.
-            (ckpt / STATE_FILE).write_text(json.dumps({"step": step, "world_size": world, "zero_stage": stage,
-                                                       "rng": "derived from (train.seed, rank, step)",
-                                                       **loop_state}))
-    ctx.report(metrics, ckpt)
-
-
-@contextmanager
-def _saving(path: Path, root: Path, step: int):
-    """A failed save leaves no half-written checkpoint, and a full disk fails the job with one clear
-    error; the previous checkpoint is untouched, so the job resumes from it once there is space."""
-    try:
-        yield
-    except Exception as e:
-        full = _no_space_left(e, path)  # before the cleanup frees space
-        if path.is_dir() and not (path / STATE_FILE).exists():
-            shutil.rmtree(path, ignore_errors=True)  # never resumed from (no state file), but holds space
-        if full:
-            raise FluxrayError(f"{path}: No space left on device (ENOSPC) while saving step {step} under "
-                               f"storage.root {root}; the previous checkpoint is intact: free space and run "
-                               "the job again to resume from it") from e
-        raise
-
-
-def _no_space_left(e: BaseException, path: Path) -> bool:
-    # torch.save reports a full disk as "unexpected pos N vs M", safetensors as "os error 28":
-    # trust errno or the words where there are any, else ask the disk.
-    for err in (e, e.__cause__, e.__context__):
-        if err is not None and (getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-                                or "No space left" in str(err) or "os error 28" in str(err)):
-            return True
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    return existing is not None and shutil.disk_usage(existing).free < 1 << 20
-
-
 @contextmanager
 def _holding(lora_params, values, stage):
     """The LoRA parameters hold `values` inside the block (None: their own), then their own again."""
@@ -523,28 +569,6 @@ def _holding(lora_params, values, stage):
         with gathered(lora_params, stage, modifier_rank=0):
             for p, v in zip(lora_params, saved):
                 p.data.copy_(v)
-
-
-def _load_checkpoint(engine, ckpt: Path, lora_params, names, ema, stage, world):
-    from safetensors.torch import load_file
-
-    state = json.loads((ckpt / STATE_FILE).read_text())
-    # By `names` (the order of `lora_params`): safetensors hands the keys back sorted.
-    tensors = load_file(str(ckpt / LORA_STATE_FILE))
-    if state["world_size"] == world and state["zero_stage"] == stage:
-        engine.load_checkpoint(str(ckpt), tag="ds", load_module_strict=False)
-    else:
-        # A different GPU count or stage: DeepSpeed's shards don't fit, so keep the LoRA and
-        # EMA and restart the optimizer moments (logged, not silent).
-        print(f"checkpoint from {state['world_size']} workers at ZeRO-{state['zero_stage']}; "
-              f"now {world} at ZeRO-{stage}: LoRA and EMA restored, optimizer state restarts", flush=True)
-        with gathered(lora_params, stage, modifier_rank=0):
-            for p, n in zip(lora_params, names):
-                p.data.copy_(tensors[f"lora/{n}"].to(p.dtype))
-        engine.lr_scheduler.last_epoch = state["step"]
-    if ema is not None:
-        ema = [tensors[f"ema/{n}"].clone() if f"ema/{n}" in tensors else e for n, e in zip(names, ema)]
-    return int(state["step"]), ema, state
 
 
 def _maybe_crash_for_test(step: int, rank: int, run_dir: Path) -> None:

@@ -101,6 +101,8 @@ def _worker_main(config: dict) -> None:
     from ray.train import Checkpoint
 
     from fluxray.logs import setup_worker
+    from fluxray.train.checkpoint import checkpoint_step, latest_checkpoint
+    from fluxray.train.job import run_dir
     from fluxray.train.loop import WorkerContext, train_worker
     from fluxray.train.preview import start_renderer
     from fluxray.track import make_tracker
@@ -110,24 +112,28 @@ def _worker_main(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
-    resume_dir = None
+    ray_copy = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        resume_dir = Path(tempfile.mkdtemp(prefix="fluxray-resume-"))
-        ckpt.to_directory(str(resume_dir))
+        ray_copy = Path(tempfile.mkdtemp(prefix="fluxray-resume-"))
+        ckpt.to_directory(str(ray_copy))
+    # A run that went on with `--local` after Ray Train's last save resumes from the newer save.
+    found = [p for p in (ray_copy, latest_checkpoint([run_dir(cfg) / "checkpoints"])) if p is not None]
+    resume_dir = max(found, key=checkpoint_step) if found else None
     scratch = Path(tempfile.mkdtemp(prefix=f"fluxray-ckpt-r{rank}-"))
 
     def checkpoint_dir(step: int) -> Path:
         return scratch / f"step{step:06d}"
 
-    def report(metrics: dict, path: Path) -> None:
-        # One report per save, on every rank: Ray merges the ranks' files into one checkpoint.
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path)),
+    def report(metrics: dict, path: Path | None) -> None:
+        # One report per save, on every rank; rank 0 hands over the checkpoint (it holds the whole state).
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path)) if path else None,
                          checkpoint_dir_name=f"checkpoint-step{metrics['step']:06d}")
         # Wait until the controller has recorded it (it polls every ~2 s): a driver killed after
         # this line resumes from this save, not from the one before.
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-        shutil.rmtree(path, ignore_errors=True)
+        if path:
+            shutil.rmtree(path, ignore_errors=True)
 
     tracker = make_tracker(cfg, config.get("mlflow_run_id")) if rank == 0 else None
     # Rank 0 owns the preview actor, rather than the driver: Ray kills an actor with the process
@@ -148,5 +154,5 @@ def _worker_main(config: dict) -> None:
         if tracker:
             tracker.close()
         shutil.rmtree(scratch, ignore_errors=True)
-        if resume_dir:
-            shutil.rmtree(resume_dir, ignore_errors=True)
+        if ray_copy:
+            shutil.rmtree(ray_copy, ignore_errors=True)

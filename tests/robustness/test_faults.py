@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from fluxray.errors import FluxrayError
 from fluxray.model.lora import read_lora_metadata
 from fluxray.train.job import run_job
-from fluxray.train.loop import STATE_FILE
+from fluxray.train.checkpoint import STATE_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 PAGE = 4096
