@@ -1,5 +1,7 @@
 """The whole recipe in one process: it learns, it leaves the base alone, and its previews are
-exactly what the generate function makes from the saved LoRA file."""
+exactly what the generate function makes from the saved LoRA file; then each of its phases alone
+(data, model, caches, LoRA and engine, resume, the step loop, finish), the bf16 path on CPU
+included."""
 
 import json
 
