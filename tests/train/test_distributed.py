@@ -341,3 +341,22 @@ def test_bf16_over_gloo_with_gradient_checkpointing_trains_a_non_square_set(fits
     assert {t.dtype for k in ("exp_avg", "exp_avg_sq") for t in saved.adam[k].values()} == {torch.float32}
     pipe = FluxPipeline.from_pretrained(tiny_model, torch_dtype=torch.bfloat16)
     pipe.load_lora_weights(str(fits["root"] / "loras" / "bf16.safetensors"), adapter_name="bf16")
+
+
+def test_a_local_run_goes_on_on_2_ray_workers(fits, tiny_config, ray_driver):
+    """The other way round: a run trained with `--local` (one process, ZeRO-0) resubmitted to Ray goes on
+    from its local checkpoint on 2 workers at ZeRO-2, with its AdamW state."""
+    from fluxray.train.checkpoint import read_checkpoint
+
+    first = tiny_config(*RECIPE, "save.name=local-then-ray", "train.steps=2", "save.every=2", "distributed.workers=1",
+                        root=fits["root"])
+    run_job(first, local=True)
+    local = read_checkpoint(fits["root"] / "runs" / "local-then-ray" / "checkpoints" / "step000002")
+    summary = run_job(tiny_config(*RECIPE, "save.name=local-then-ray", "train.steps=4", "save.every=2",
+                                  "distributed.zero_stage=2", root=fits["root"]))
+    assert summary["start_step"] == 2 and summary["steps"] == 4
+    on_ray = read_checkpoint(fits["root"] / "ray" / "local-then-ray" / "checkpoint-step000004")
+    assert (on_ray.world_size, on_ray.zero_stage) == (2, 2)
+    # AdamW went on counting from the local run's 2 updates.
+    assert {float(t) for t in local.adam["adam_step"].values()} == {2.0}
+    assert {float(t) for t in on_ray.adam["adam_step"].values()} == {4.0}
