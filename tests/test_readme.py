@@ -35,7 +35,7 @@ RAY_PREFIX = re.compile(r"^\(\w+ pid=\d+(?:, ip=[\d.]+)?\) ?")
 #: fluxray's own lines, from the driver or a worker: what it does, the progress, advice, the result.
 FLUXRAY_LINE = re.compile(
     r"Prepared \d+ images|  (from|to) +/|  content hash |\d+ note\(s\) and problem\(s\):|advice( \(\d+\))?:|"
-    r"  (info|warning|error) +\S|  +fix: |run \S+: \d+ steps |previews: |ZeRO stage |step \d+/\d+ loss |"
+    r"  (info|warning|error) +\S|  +fix: |run \S+: \d+ steps |previews: |ZeRO stage |precision: |step \d+/\d+ loss |"
     r"LoRA written to |likely converged|still improving|no improvement|done: \d+ steps|"
     r"  (LoRA file|previews|MLflow|web page) |(INFO|WARNING|ERROR) fluxray")
 

@@ -76,10 +76,10 @@ def write_checkpoint(path: Path, state: TrainState) -> None:
     tensors.update({f"ema/{n}": t for n, t in (state.ema or {}).items()})
     save_file(tensors, str(path / LORA_STATE_FILE))
     # Written last: its presence marks a complete checkpoint.
+    size = (path / LORA_STATE_FILE).stat().st_size
     (path / STATE_FILE).write_text(json.dumps({
         "step": state.step, "lr": state.lr, "world_size": state.world_size, "zero_stage": state.zero_stage,
-        "rng": "derived from (train.seed, rank, step)", "files": {LORA_STATE_FILE: (path / LORA_STATE_FILE).stat().st_size},
-        **state.loop}))
+        "rng": "derived from (train.seed, rank, step)", "files": {LORA_STATE_FILE: size}, **state.loop}))
 
 
 def read_checkpoint(path: Path) -> TrainState:
@@ -141,7 +141,8 @@ def _check_fits(lora: LoraEngine, state: TrainState) -> None:
              if n in state.lora and tuple(state.lora[n].shape) != shape]
     if missing or wrong or len(state.lora) != len(lora.names):
         what = (f"{len(missing)} of this run's LoRA tensors are not in it (e.g. {missing[0]})" if missing
-                else f"shapes differ ({wrong[0]})" if wrong else f"it holds {len(state.lora)} tensors, this run {len(lora.names)}")
+                else f"shapes differ ({wrong[0]})" if wrong
+                else f"it holds {len(state.lora)} tensors, this run {len(lora.names)}")
         raise FluxrayError(f"{state.path}: this checkpoint's LoRA does not fit the run: {what}; lora.rank, "
                            "lora.targets or model.path changed since it was saved: resume with the settings it was "
                            "saved with, or start a new run (another save.name)")

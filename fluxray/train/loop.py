@@ -420,7 +420,8 @@ class LoraRecipe:
             return
         cfg, device = self.cfg, self.device
         # MFU only where it means something: a GPU computing in bf16.
-        peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" and self.precision.compute else None
+        gpu_bf16 = device.type == "cuda" and self.precision.compute is not None
+        peak = peak_flops(torch.cuda.get_device_name(device)) if gpu_bf16 else None
         images = cfg.train.batch_size * cfg.train.grad_accum * self.world
         self.tracker.log_metrics({"loss": self.last_loss, "lr": self.lora.schedule.get_last_lr()[0],
                                   "grad_norm": self.lora.grad_norm, "step_time": seconds,

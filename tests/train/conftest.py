@@ -23,7 +23,8 @@ CFG = JobConfig.model_validate({"lora": {"rank": 4}, "train": {"lr": 1e-2, "step
 
 
 def _synthetic_loss(transformer, step: int) -> torch.Tensor:
-    return training_loss(transformer, [ITEM], ["pxco, a man"], LATENTS, EMBEDS, SPEC, torch.Generator().manual_seed(step))
+    gen = torch.Generator().manual_seed(step)
+    return training_loss(transformer, [ITEM], ["pxco, a man"], LATENTS, EMBEDS, SPEC, gen)
 
 
 @pytest.fixture

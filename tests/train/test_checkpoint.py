@@ -77,7 +77,8 @@ def test_restored_tensors_land_on_the_parameters_device_and_dtype():
                        adam={"exp_avg": dict(zip(names, (torch.ones(4, 8), torch.ones(8, 4)))),
                              "exp_avg_sq": dict(zip(names, (torch.ones(4, 8), torch.ones(8, 4)))),
                              "adam_step": dict(zip(names, (torch.tensor(5.0), torch.tensor(5.0))))},
-                       ema=dict(zip(names, (torch.zeros(4, 8), torch.zeros(8, 4)))), lr=1e-3, world_size=1, zero_stage=0)
+                       ema=dict(zip(names, (torch.zeros(4, 8), torch.zeros(8, 4)))), lr=1e-3, world_size=1,
+                       zero_stage=0)
     for device, dtype in ((torch.device("meta"), torch.float32), (torch.device("cpu"), torch.bfloat16)):
         params = [torch.nn.Parameter(torch.empty(4, 8, device=device, dtype=dtype)),
                   torch.nn.Parameter(torch.empty(8, 4, device=device, dtype=dtype))]
