@@ -219,6 +219,7 @@ def test_the_run_page_opens_as_model_training_with_each_preview_in_view(free_por
                 has=page.locator('h4[title="sample_0"]'))
             img = card.locator("img.rc-image-img")
             expect(img).to_be_visible()
+            card.scroll_into_view_if_needed()  # below the metric charts (loss, lr, grad_norm, ...) on a short window
             img.evaluate("i => i.complete || new Promise(done => { i.onload = done; i.onerror = done; })")
             # The card shows the preview as MLflow renders it for cards (resized to 256 px).
             assert img.evaluate("i => i.naturalWidth") == compress_image_size(preview).width
