@@ -105,3 +105,12 @@ def ray_driver(ray_cluster):
     if not ray.is_initialized():
         ray.init(address=ray_cluster.address, log_to_driver=True, configure_logging=False)
     return ray_cluster
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """After the session: Ray's and DeepSpeed's exit handlers may block in C (a driver still
+    attached to a cluster that is gone); dump the stacks and end the process rather than hang CI."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(120, exit=True)
