@@ -96,13 +96,22 @@ def _fluxray_command() -> str:
 
 
 def _cmd_serve(args) -> int:
+    import os
+
     import ray
     from ray import serve
 
-    from fluxray.serve.app import build_app
+    from fluxray.errors import ConfigError
+    from fluxray.serve.app import LOOPBACK, build_app
 
+    # The service's secret, kept out of the Ray processes started below (a local cluster's
+    # workers inherit this environment, training workers among them).
+    token = os.environ.pop("FLUXRAY_API_TOKEN", None)
+    if not token and args.host not in LOOPBACK:
+        raise ConfigError(f"--host {args.host}: refusing to serve the API beyond this machine without a token; "
+                          "set FLUXRAY_API_TOKEN")
     ray.init(address=args.address, configure_logging=False)
-    app = build_app({"config": args.config, "overrides": args.overrides})
+    app = build_app({"config": args.config, "overrides": args.overrides, "api_token": token})
     serve.start(http_options={"host": args.host, "port": args.port})
     print(f"fluxray at http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops it", flush=True)
     try:
