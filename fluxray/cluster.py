@@ -154,6 +154,9 @@ def _start(args: list[str], temp_dir: Path, num_cpus: int | None, resources: dic
     log = log or temp_dir / "ray-start.log"
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # A node started from a shell that points at another cluster would send its jobs' drivers there
+    # (Ray's job supervisor resolves their address from it): this node knows its own.
+    env.pop("RAY_ADDRESS", None)
     # Ray gives its dashboard 60 s to come up; a busy machine (a CI runner, 2 cores) takes longer.
     env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", str(int(timeout)))
     cmd = [str(bin_dir / "ray"), "start", "--block", *args, f"--num-cpus={num_cpus or machine_cpus()}",
