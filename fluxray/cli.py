@@ -121,6 +121,18 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _cmd_queue(args) -> int:
+    import time
+
+    import ray
+
+    from fluxray.train.admission import format_queue, queue_snapshot
+
+    ray.init(address=args.address, configure_logging=False, log_to_driver=False)
+    print(format_queue(queue_snapshot(), time.time()))
+    return 0
+
+
 def _cmd_config(args) -> int:
     from fluxray.config import dump_config, reference_markdown
 
@@ -222,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, a running local one, or a new one)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("queue", help="the cluster's fluxray jobs: running, and waiting in order with the reason")
+    p.add_argument("--address", help="Ray cluster (default: $RAY_ADDRESS or the running local one)")
+    p.set_defaults(func=_cmd_queue)
 
     p = sub.add_parser("config", help="print the resolved config (defaults + file + --set)")
     _add_config_args(p)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -136,7 +137,7 @@ class JobQueue:
     def join(self, entry: dict) -> None:
         self.entries[entry["key"]] = {**entry, "state": "queued", "seen": time.time()}
 
-    def poll(self, key: str, reason: str | None = None) -> dict | None:
+    def poll(self, key: str) -> dict | None:
         """The caller's place: `position` among the queued (0 = first), `ahead` (queued before
         it), `active` (starting or running); None if it is not in the queue (re-join)."""
         self._expire()
@@ -144,15 +145,13 @@ class JobQueue:
         if me is None:
             return None
         me["seen"] = time.time()
-        if reason is not None:
-            me["reason"] = reason
         queued = self._queued()
         ahead = queued[:queued.index(me)] if me in queued else []
         return {"position": len(ahead), "ahead": ahead, "state": me["state"],
                 "active": [e for e in self.entries.values() if e["state"] in ("starting", "running") and e is not me]}
 
     def start(self, key: str) -> None:
-        self.entries[key].update(state="starting", started=time.time(), reason=None)
+        self.entries[key].update(state="starting", started=time.time())
 
     def running(self, key: str) -> None:
         if key in self.entries:
@@ -200,6 +199,31 @@ def queue_snapshot() -> list[dict]:
     return ray.get(queue.snapshot.remote()) if queue is not None else []
 
 
+def format_queue(entries: list[dict], now: float) -> str:
+    """`fluxray queue`: one line per job, running first, then the queued in order, each waiting
+    one with its run status's reason."""
+    if not entries:
+        return "no fluxray job runs or waits on this cluster"
+    lines, place = [], 0
+    for e in entries:
+        try:
+            reason = json.loads((Path(e["run_dir"]) / "status.json").read_text()).get("reason") or ""
+        except (OSError, ValueError, KeyError):
+            reason = ""
+        since = e.get("started") or e["submitted"]
+        state = e["state"]
+        if state == "queued":
+            place += 1
+            state = f"queued #{place}"
+        line = f"{state:<10} {e['run_name']:<28} {_ago(now - since):>6}  {e.get('submission_id') or e['ray_job_id']}"
+        lines.append(line + (f"\n{'':11}{reason}" if e["state"] == "queued" and reason else ""))
+    return "\n".join(lines)
+
+
+def _ago(seconds: float) -> str:
+    return f"{seconds / 60:.0f}m" if seconds >= 90 else f"{max(0, seconds):.0f}s"
+
+
 # -- the driver's side ------------------------------------------------------------------------
 
 def check_admissible(cfg: JobConfig) -> Demand:
@@ -224,6 +248,13 @@ class Ticket:
     queue: object
     entry: dict
     _stop: threading.Event = field(default_factory=threading.Event)
+    _sigterm: object = None  # the SIGTERM handler before ours
+
+    def leave_on_sigterm(self) -> None:
+        """`ray job stop` (SIGTERM) ends the driver through `leave`, not in the middle of the
+        queue: a stopped job's place frees at once, not after STALE_S."""
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.signal(signal.SIGTERM, _exit)
 
     @property
     def key(self) -> str:
@@ -239,18 +270,27 @@ class Ticket:
                 try:
                     if ray.get(self.queue.poll.remote(self.key), timeout=30) is None:
                         self.queue.join.remote(self.entry)  # the queue actor was restarted
-                        self.queue.start.remote(self.key)
+                        self.queue.running.remote(self.key)
                 except Exception:  # noqa: BLE001 - a missed beat; the next one tries again
                     continue
 
         threading.Thread(target=beat, name="fluxray-queue-heartbeat", daemon=True).start()
 
     def leave(self) -> None:
+        import ray
+
         self._stop.set()
         try:
-            self.queue.leave.remote(self.key)
+            ray.get(self.queue.leave.remote(self.key), timeout=10)  # sent before the driver exits
         except Exception:  # noqa: BLE001 - Ray is going away: the entry expires by itself
             pass
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
+
+
+def _exit(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def wait_for_turn(cfg: JobConfig, demand: Demand, submitted: float, record) -> Ticket:
@@ -270,11 +310,12 @@ def wait_for_turn(cfg: JobConfig, demand: Demand, submitted: float, record) -> T
     queue = get_queue()
     ray.get(queue.join.remote(entry))
     ticket = Ticket(queue, entry)
+    ticket.leave_on_sigterm()
     record.set_status(state="queued", reason="in the queue", queue_position=None, **ids)
-    blocked_since, shown, reason = None, None, None
+    blocked_since, shown = None, None
     try:
         while True:
-            view = ray.get(queue.poll.remote(ticket.key, reason))
+            view = ray.get(queue.poll.remote(ticket.key))
             if view is None:  # the queue actor was restarted: join again, in the same order
                 ray.get(queue.join.remote(entry))
                 continue

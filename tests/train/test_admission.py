@@ -97,6 +97,20 @@ def test_the_queue_orders_by_submission_and_frees_the_place_of_a_driver_gone_qui
     assert q.poll("c") is None and q.poll("b")["position"] == 0
 
 
+def test_the_queue_listing_shows_who_runs_and_who_waits_why(tmp_path):
+    from fluxray.track.local import RunRecord
+    from fluxray.train.admission import format_queue
+
+    RunRecord(tmp_path / "b").set_status(state="queued", reason="waiting for 2 CPU (0 free): held by job a (running)")
+    entries = [{**entry("a", 100.0), "state": "running", "started": 160.0, "run_dir": str(tmp_path / "a")},
+               {**entry("b", 130.0), "state": "queued", "run_dir": str(tmp_path / "b"), "submission_id": "raysubmit_b"}]
+    assert format_queue(entries, now=400.0).splitlines() == [
+        "running    a                                4m  a",
+        "queued #1  b                                4m  raysubmit_b",
+        "           waiting for 2 CPU (0 free): held by job a (running)"]
+    assert format_queue([], now=0.0) == "no fluxray job runs or waits on this cluster"
+
+
 def test_ordinals():
     assert [ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 101)] == \
         ["1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "101st"]
@@ -133,6 +147,8 @@ def _status(root, name: str) -> dict:
 @pytest.mark.slow
 def test_two_jobs_back_to_back_run_in_order_and_the_second_waits_pending_without_workers(
         ray_driver, tiny_model, prepared_sample, tmp_path):
+    import subprocess
+    import sys
     import time
 
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -144,7 +160,7 @@ def test_two_jobs_back_to_back_run_in_order_and_the_second_waits_pending_without
     for name in ("first", "second"):
         jobs[name] = client.submit_job(entrypoint=_entrypoint(tmp_path, name, tiny_model=tiny_model,
                                                               prepared_sample=prepared_sample), runtime_env=env)
-    seen_pending = []
+    seen_pending, listing = [], None
     deadline = time.time() + 900
     while not all(client.get_job_status(j).is_terminal() for j in jobs.values()):
         assert time.time() < deadline, {n: client.get_job_logs(j)[-2000:] for n, j in jobs.items()}
@@ -156,6 +172,9 @@ def test_two_jobs_back_to_back_run_in_order_and_the_second_waits_pending_without
             if _status(tmp_path, "second").get("state") == "queued":  # still waiting after the look
                 assert not workers, workers
                 seen_pending.append(st)
+                if listing is None:  # what `fluxray queue` shows meanwhile
+                    listing = subprocess.run([str(Path(sys.executable).parent / "fluxray"), "queue", "--address",
+                                              ray_driver.address], capture_output=True, text=True, timeout=120)
         time.sleep(1)
     for name, job in jobs.items():
         assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
@@ -166,6 +185,8 @@ def test_two_jobs_back_to_back_run_in_order_and_the_second_waits_pending_without
                                 for n, r in shown), shown
     assert any(n == 1 for n, _ in shown), shown
     assert "PENDING (1st in the queue)" in client.get_job_logs(jobs["second"])
+    queued = listing.stdout.split("queued #", 1)
+    assert listing.returncode == 0 and len(queued) == 2 and queued[1].split()[1] == "second", listing
     # In order: the second was admitted after the first had finished training.
     first, second = _status(tmp_path, "first"), _status(tmp_path, "second")
     assert first["submitted"] < second["submitted"]
