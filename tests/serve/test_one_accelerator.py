@@ -24,7 +24,6 @@ import yaml
 pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLES = REPO / "samples" / "pxco"
 SMALL = {"prompt": "[trigger], portrait", "steps": 2, "width": 64, "height": 64}
 FILE_TOKEN, SHELL_TOKEN = "token-from-the-file", "token-of-the-shell-that-started-ray"
 
@@ -86,36 +85,29 @@ def test_without_the_token_from_the_file_v1_is_closed(deployed):
 
 
 @pytest.fixture(scope="module")
-def shared_accel(deployed, one_accel, train_workers):
-    """Generation warm, then a 10-step job on the one accelerator; what each step saw."""
+def shared_accel(deployed, one_accel, train_workers, jobs_helpers):
+    """Generation warm, then a 6-step job on the one accelerator; what each step saw."""
+    upload_samples, follow_job = jobs_helpers
     url, _ = deployed
     seen: dict = {"pending": []}
+
+    def on_view(view: dict) -> None:
+        if view["status"] == "PENDING":
+            seen["pending"].append(view)
+        elif view["status"] == "RUNNING" and view["step"] > 0 and "generate_running" not in seen:
+            start = time.monotonic()
+            r = http.post("/v1/generate", json=SMALL)
+            seen["generate_running"] = (r, time.monotonic() - start)
+            seen["environs"] = [w.environ() for w in train_workers(one_accel)]
+
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {FILE_TOKEN}"}, timeout=300) as http:
-        files = [("images", (p.name, p.read_bytes(), "image/png")) for p in sorted(SAMPLES.glob("*.png"))]
-        files.append(("captions", ("captions.json", (SAMPLES / "captions.json").read_bytes(), "application/json")))
-        r = http.post("/v1/datasets", files=files, data={"trigger_word": "pxco"})
-        assert r.status_code == 200, r.text
-        dataset = r.json()["dataset_id"]
+        dataset = upload_samples(http)
         assert http.post("/v1/generate", json=SMALL).status_code == 200  # the replica is up: it holds the accel
-        r = http.post("/v1/jobs", json={"dataset_id": dataset, "steps": 10, "sample_every": 5,
+        r = http.post("/v1/jobs", json={"dataset_id": dataset, "steps": 6, "sample_every": 3,
                                         "sample_prompts": ["[trigger], portrait"]})
         assert r.status_code == 200, r.text
         job = seen["job"] = r.json()["job_id"]
-        deadline = time.time() + 900
-        while True:
-            assert time.time() < deadline, http.get(f"/v1/jobs/{job}/logs", params={"tail": 80}).text
-            view = http.get(f"/v1/jobs/{job}").json()
-            if view["status"] == "PENDING":
-                seen["pending"].append(view)
-            elif view["status"] == "RUNNING" and view["step"] > 0 and "generate_running" not in seen:
-                start = time.monotonic()
-                r = http.post("/v1/generate", json=SMALL)
-                seen["generate_running"] = (r, time.monotonic() - start)
-                seen["environs"] = [w.environ() for w in train_workers(one_accel)]
-            elif view["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
-                seen["final"] = view
-                break
-            time.sleep(0.5)
+        seen["final"] = follow_job(http, job, on_view, timeout=900)
         seen["logs"] = http.get(f"/v1/jobs/{job}/logs").text
         seen["generate_after"] = http.post("/v1/generate", json=SMALL)
     return seen
@@ -124,7 +116,7 @@ def shared_accel(deployed, one_accel, train_workers):
 def test_a_job_submitted_while_generation_holds_the_accelerator_waits_then_runs_to_the_end(shared_accel):
     final = shared_accel["final"]
     assert final["status"] == "SUCCEEDED", (final["message"], shared_accel["logs"][-3000:])
-    assert final["step"] == final["total"] == 10 and [s["step"] for s in final["samples"]] == [0, 5, 10]
+    assert final["step"] == final["total"] == 6 and [s["step"] for s in final["samples"]] == [0, 3, 6]
     waiting = [v for v in shared_accel["pending"] if v["queue_position"]]
     assert any("1 accel" in v["message"] and "generation replica" in v["message"] for v in waiting), \
         [v["message"] for v in shared_accel["pending"]]

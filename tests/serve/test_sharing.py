@@ -38,52 +38,52 @@ def timed(call):
 
 
 @pytest.fixture(scope="module")
-def shared(service, http, dataset, ray_cluster, tiny_model, prepared_sample):
+def shared(service, http, dataset, ray_cluster, tiny_model, prepared_sample, jobs_helpers):
     """The scenario, once; what each step saw. A `ray job submit` job follows the service's
     job while that one waits."""
     from ray.job_submission import JobSubmissionClient
 
+    _, follow_job = jobs_helpers
+    ray_jobs = JobSubmissionClient(ray_cluster.dashboard_url)
     seen: dict = {"pending": [], "listed": []}
-    assert http.post("/v1/generate", json=SMALL).status_code == 200  # the replica is up and holds a CPU
-    prefilled = http.get("/v1/defaults").json()["simple"]  # what the page sends unchanged
-    r = http.post("/v1/jobs", json={"dataset_id": dataset, **prefilled})
-    assert r.status_code == 200, r.text
-    job = seen["job"] = r.json()["job_id"]
-    cli_job = None
-    deadline = time.time() + 1200
-    while True:
-        assert time.time() < deadline, http.get(f"/v1/jobs/{job}/logs", params={"tail": 80}).text
-        view = http.get(f"/v1/jobs/{job}").json()
+
+    def listed() -> dict | None:
+        return {j["job_id"]: j for j in http.get("/v1/jobs").json()}.get("from-ray-job-submit")
+
+    def on_view(view: dict) -> None:
         if view["status"] == "PENDING":
             seen["pending"].append(view)
             if "generate_pending" not in seen and view["queue_position"]:
                 seen["generate_pending"] = timed(lambda: http.post("/v1/generate", json=SMALL))
         elif view["status"] == "RUNNING" and view["step"] > 0 and "generate_running" not in seen:
             seen["generate_running"] = timed(lambda: http.post("/v1/generate", json=SMALL))
-        elif view["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
-            seen["final"] = view
-            break
-        if cli_job is None and view["queue_position"]:
+        if "cli_job" not in seen and view["queue_position"]:
             # A job from `ray job submit` into the same root, while this one waits: it queues behind.
-            cli_job = JobSubmissionClient(ray_cluster.dashboard_url).submit_job(
+            sets = (f"model.path={tiny_model}", f"dataset.path={prepared_sample}", f"storage.root={service.root}",
+                    "save.name=from-ray-job-submit", "train.steps=2", "save.every=2", "sample.every=0",
+                    "validation.every=2", "validation.images=1")
+            seen["cli_job"] = ray_jobs.submit_job(
                 entrypoint=shlex.join([sys.executable, "jobs/train.py", "--config", "configs/tiny.yaml",
-                                       *[a for s in (f"model.path={tiny_model}", f"dataset.path={prepared_sample}",
-                                                     f"storage.root={service.root}", "save.name=from-ray-job-submit",
-                                                     "train.steps=2", "save.every=2", "sample.every=0",
-                                                     "validation.every=2", "validation.images=1")
-                                         for a in ("--set", s)]]),
+                                       *[a for s in sets for a in ("--set", s)]]),
                 runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git", "tests", "benchmarks"]})
-        if cli_job is not None:
-            seen["listed"].append({j["job_id"]: j for j in http.get("/v1/jobs").json()}.get("from-ray-job-submit"))
-        time.sleep(0.5)
-    assert cli_job is not None, "the job never waited"
+        if "cli_job" in seen:
+            seen["listed"].append(listed())
+
+    assert http.post("/v1/generate", json=SMALL).status_code == 200  # the replica is up and holds a CPU
+    prefilled = http.get("/v1/defaults").json()["simple"]  # what the page sends unchanged
+    r = http.post("/v1/jobs", json={"dataset_id": dataset, **prefilled})
+    assert r.status_code == 200, r.text
+    seen["job"] = r.json()["job_id"]
+    seen["final"] = follow_job(http, seen["job"], on_view, timeout=1200)
+    assert "cli_job" in seen, "the job never waited"
     until = time.time() + 600
-    while (listed := {j["job_id"]: j for j in http.get("/v1/jobs").json()}.get("from-ray-job-submit", {})).get(
-            "status") not in ("SUCCEEDED", "FAILED"):
-        assert time.time() < until, JobSubmissionClient(ray_cluster.dashboard_url).get_job_logs(cli_job)[-3000:]
-        seen["listed"].append(listed or None)
+    while True:
+        seen["listed"].append(last := listed())
+        if last and last["status"] in ("SUCCEEDED", "FAILED"):
+            seen["cli_final"] = last
+            break
+        assert time.time() < until, ray_jobs.get_job_logs(seen["cli_job"])[-3000:]
         time.sleep(1)
-    seen["cli_final"] = listed
     # Both jobs done: a generate starts a replica again (training jobs queued would have come first).
     seen["generate_after"] = timed(lambda: http.post("/v1/generate", json=SMALL))
     return seen
