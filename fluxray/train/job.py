@@ -118,14 +118,14 @@ def run_job(cfg: JobConfig, local: bool = False, resume: bool = False) -> dict:
     submitted = time.time()  # the job's place in the cluster's queue
     if resume and not cfg.save.name:
         raise ConfigError("save.name: --resume needs the name of the run to resume")
+    cfg = resolve_job(cfg)
     demand = None
-    if not local:  # a job the cluster can never schedule is refused before anything is prepared
+    if not local:  # a job the cluster can never schedule is refused before anything is recorded
         from fluxray.train.admission import check_admissible
         from fluxray.train.ray_trainer import connect
 
         connect()
         demand = check_admissible(cfg)
-    cfg = resolve_job(cfg)
     print_advice(cfg)  # the guide's advice, printed; it never stops a job
     existing = (run_dir(cfg) / "config.yaml").exists()
     if resume and not existing:

@@ -222,4 +222,4 @@ def test_a_job_that_can_never_fit_is_refused_at_once_by_the_cli_and_ray_job_subm
         time.sleep(1)
     assert client.get_job_status(job) == JobStatus.FAILED
     assert f"fluxray train: error: {expected}" in client.get_job_logs(job)
-    assert _status(tmp_path, "too-big") == {}  # refused before anything was prepared or written
+    assert _status(tmp_path, "too-big") == {}  # refused before anything was recorded
