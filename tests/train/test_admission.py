@@ -8,7 +8,9 @@ import pytest
 from pathlib import Path
 
 from fluxray.config import load_config
-from fluxray.train.admission import Demand, JobQueue, job_demand, ordinal, pack, unschedulable
+from fluxray.errors import ConfigError
+from fluxray.train.admission import (Demand, JobQueue, check_admissible, job_demand, ordinal, pack,
+                                     unschedulable)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,6 +67,25 @@ def test_a_job_that_can_never_fit_names_what_it_needs_what_there_is_and_the_fix(
 def test_a_job_that_fits_the_empty_cluster_is_not_refused():
     assert unschedulable(job_demand(tiny(), 0), [{"CPU": 2}]) is None
     assert unschedulable(Demand(4, {"CPU": 1, "GPU": 1}), [{"CPU": 8, "GPU": 2}] * 2) is None
+
+
+def test_the_drivers_check_refuses_a_preview_actor_beside_two_workers_on_two_cpus_at_once(monkeypatch, capsys):
+    # The preview-actor job of tests/train/test_preview.py as it was: 2 workers + the actor = 3 CPU,
+    # which waits forever on the machine's 2 CPUs unless the driver refuses it before Ray sees it.
+    import fluxray.cluster
+
+    monkeypatch.setattr(fluxray.cluster, "node_totals", lambda: [{"CPU": 2.0, "memory": 8e9}])
+    monkeypatch.setattr(fluxray.cluster, "has_autoscaler", lambda: False)
+    unfit = tiny("sample.mode=actor", "distributed.workers=2")
+    with pytest.raises(ConfigError, match=r"needs 2 workers x 1 CPU \+ the preview actor \(1 CPU, sample.mode=actor\); "
+                                          r"the cluster has 2 CPU: set distributed.workers=1 or sample.mode=inline$"):
+        check_admissible(unfit)
+    # As the test runs it now: 1 worker beside the actor fits the 2 CPUs.
+    assert check_admissible(tiny("sample.mode=actor", "distributed.workers=1")).total() == {"CPU": 2.0}
+    # With an autoscaler the driver only warns: nodes may come.
+    monkeypatch.setattr(fluxray.cluster, "has_autoscaler", lambda: True)
+    assert check_admissible(unfit).total() == {"CPU": 3.0}
+    assert "warning: distributed: the job needs 2 workers x 1 CPU + the preview actor" in capsys.readouterr().out
 
 
 # -- the queue (the actor's class, in this process) -------------------------------------------
