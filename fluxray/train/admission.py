@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -23,6 +24,10 @@ QUEUE_NAME, NAMESPACE = "fluxray-job-queue-v1", "fluxray"
 #: A driver not heard from for this long is gone (killed with its job): its place is freed.
 STALE_S = 60.0
 POLL_S = 2.0
+#: How long a driver may take from `ray job submit` to joining the queue (imports on a busy
+#: machine): a job submitted earlier that has not joined by then does not queue (`--local`).
+JOIN_GRACE_S = 120.0
+_FLUXRAY_ENTRYPOINT = re.compile(r"jobs/train\.py|fluxray(?:\.cli)? train")
 #: Where a per-worker resource is set in the config, for the fix a refusal names.
 _KEYS = {"CPU": "distributed.cpus_per_worker", "GPU": "distributed.gpus_per_worker"}
 
@@ -133,9 +138,15 @@ class JobQueue:
 
     def __init__(self):
         self.entries: dict[str, dict] = {}
+        self.joined: set[str] = set()  # the submission ids of every job that ever joined
 
     def join(self, entry: dict) -> None:
         self.entries[entry["key"]] = {**entry, "state": "queued", "seen": time.time()}
+        if entry.get("submission_id"):
+            self.joined.add(entry["submission_id"])
+
+    def not_joined(self, submission_ids: list[str]) -> list[str]:
+        return [s for s in submission_ids if s not in self.joined]
 
     def poll(self, key: str) -> dict | None:
         """The caller's place: `position` among the queued (0 = first), `ahead` (queued before
@@ -323,21 +334,30 @@ def wait_for_turn(cfg: JobConfig, demand: Demand, submitted: float, record) -> T
             starting = [e for e in view["active"] if e["state"] == "starting"]
             if first and not starting:
                 free = node_free()
-                if pack(demand.bundles, free):
+                fits = pack(demand.bundles, free)
+                # Jobs submitted before this one whose drivers are still starting go first: in
+                # submission order, not in the order the drivers happen to come up.
+                earlier = starting_before(queue, entry) if fits else []
+                if fits and not earlier:
                     ray.get(queue.start.remote(ticket.key))
                     record.set_status(state="starting", reason=f"starting {demand.describe()}",
                                       queue_position=None, admitted=time.time())
                     print(f"admitted: starting {demand.describe()}", flush=True)
                     ticket.keep_alive()
                     return ticket
-                reason = waiting_for(demand, free, view["active"])
-                # Jobs ahead end by themselves; anything else (an idle replica, other Ray work)
-                # gets `start_timeout_s`.
-                blocked_since = None if view["active"] else blocked_since or time.time()
-                timeout = cfg.distributed.start_timeout_s
-                if blocked_since is not None and time.time() - blocked_since > timeout:
-                    raise FluxrayError(f"distributed.start_timeout_s: the workers could not start within "
-                                       f"{timeout:g} s: {reason}")
+                if earlier:
+                    reason = f"queued behind {', '.join(earlier)} (submitted before it, its driver is starting)"
+                    view = {**view, "position": len(earlier)}
+                    blocked_since = None
+                else:
+                    reason = waiting_for(demand, free, view["active"])
+                    # Jobs ahead end by themselves; anything else (an idle replica, other Ray work)
+                    # gets `start_timeout_s`.
+                    blocked_since = None if view["active"] else blocked_since or time.time()
+                    timeout = cfg.distributed.start_timeout_s
+                    if blocked_since is not None and time.time() - blocked_since > timeout:
+                        raise FluxrayError(f"distributed.start_timeout_s: the workers could not start within "
+                                           f"{timeout:g} s: {reason}")
             elif first:
                 reason = f"next in the queue: {starting[0]['run_name']} is starting its workers"
             else:
@@ -354,6 +374,29 @@ def wait_for_turn(cfg: JobConfig, demand: Demand, submitted: float, record) -> T
         if isinstance(e, FluxrayError):
             record.set_status(state="failed", reason=str(e), queue_position=None)
         raise
+
+
+def submitted_before(jobs: list, entry: dict, now: float) -> list[str]:
+    """The submission ids of Ray jobs (`JobDetails`) running fluxray's job driver, submitted
+    before `entry` and less than JOIN_GRACE_S ago, whose drivers may not have joined the queue."""
+    return [j.submission_id for j in sorted(jobs, key=lambda j: j.start_time or 0)
+            if j.submission_id and j.submission_id != entry.get("submission_id")
+            and j.status in ("PENDING", "RUNNING") and _FLUXRAY_ENTRYPOINT.search(j.entrypoint or "")
+            and j.start_time and j.start_time / 1000 < entry["submitted"] and now - j.start_time / 1000 < JOIN_GRACE_S]
+
+
+def starting_before(queue, entry: dict) -> list[str]:
+    """Fluxray jobs submitted before `entry` whose drivers have not joined the queue yet."""
+    import ray
+    from ray.util.state import list_jobs
+
+    try:
+        candidates = submitted_before(list_jobs(limit=10_000, timeout=30, detail=True,
+                                                raise_on_missing_output=False),
+                                      entry, time.time())
+    except Exception:  # noqa: BLE001 - no job API (a plain `ray.init` cluster): nothing to wait for
+        return []
+    return ray.get(queue.not_joined.remote(candidates)) if candidates else []
 
 
 def waiting_for(demand: Demand, free: list[dict[str, float]], active: list[dict]) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from fluxray.config import load_config
 from fluxray.errors import ConfigError
-from fluxray.train.admission import (Demand, JobQueue, check_admissible, job_demand, ordinal, pack,
-                                     unschedulable)
+from fluxray.train.admission import (JOIN_GRACE_S, Demand, JobQueue, check_admissible, job_demand, ordinal, pack,
+                                     submitted_before, unschedulable)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -118,6 +118,27 @@ def test_the_queue_orders_by_submission_and_frees_the_place_of_a_driver_gone_qui
     assert q.poll("c") is None and q.poll("b")["position"] == 0
 
 
+def test_jobs_submitted_earlier_whose_drivers_are_still_starting_go_first():
+    from types import SimpleNamespace as Job
+
+    me = {"submission_id": "raysubmit_me", "submitted": 1000.0}
+    train = "python jobs/train.py --config c.yaml"
+    jobs = [Job(submission_id="raysubmit_b", status="RUNNING", entrypoint="fluxray train --config c", start_time=990e3),
+            Job(submission_id="raysubmit_a", status="PENDING", entrypoint=train, start_time=980e3),
+            Job(submission_id="raysubmit_me", status="RUNNING", entrypoint=train, start_time=1000e3),
+            Job(submission_id="raysubmit_later", status="PENDING", entrypoint=train, start_time=1001e3),
+            Job(submission_id="raysubmit_done", status="SUCCEEDED", entrypoint=train, start_time=970e3),
+            Job(submission_id="raysubmit_other", status="RUNNING", entrypoint="python etl.py", start_time=970e3),
+            Job(submission_id=None, status="RUNNING", entrypoint=train, start_time=970e3)]
+    assert submitted_before(jobs, me, now=1010.0) == ["raysubmit_a", "raysubmit_b"]
+    # A driver that never joins (a `--local` run) holds the later ones back for JOIN_GRACE_S at most.
+    assert submitted_before(jobs, me, now=980.0 + JOIN_GRACE_S + 1) == ["raysubmit_b"]
+    q = JobQueue()
+    q.join(entry("b", 990.0) | {"submission_id": "raysubmit_b"})
+    q.leave("b")
+    assert q.not_joined(["raysubmit_a", "raysubmit_b"]) == ["raysubmit_a"]  # one that ran and left counts
+
+
 def test_the_queue_listing_shows_who_runs_and_who_waits_why(tmp_path):
     from fluxray.track.local import RunRecord
     from fluxray.train.admission import format_queue
@@ -202,8 +223,9 @@ def test_two_jobs_back_to_back_run_in_order_and_the_second_waits_pending_without
     # It waited, saying why and where: behind the first while both waited (2nd), then first in line
     # while the first started and trained on the CPUs it needs.
     shown = {(s["queue_position"], s["reason"]) for s in seen_pending}
-    assert seen_pending and all(r == "queued behind first" if n == 2 else n == 1 and "first" in r
-                                for n, r in shown), shown
+    # Its driver may come up before the first's: then it waits behind the first's submission id.
+    behind = ("queued behind first", f"queued behind {jobs['first']} (submitted before it, its driver is starting)")
+    assert seen_pending and all(r in behind if n == 2 else n == 1 and "first" in r for n, r in shown), shown
     assert any(n == 1 for n, _ in shown), shown
     assert "PENDING (1st in the queue)" in client.get_job_logs(jobs["second"])
     queued = listing.stdout.split("queued #", 1)
