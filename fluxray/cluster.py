@@ -113,8 +113,8 @@ def start_head(temp_dir: Path, *, num_cpus: int | None = None, resources: dict[s
     port, dash = free_port(), free_port()
     args = ["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
             "--include-dashboard=true"]
-    node = _start(args, temp_dir, num_cpus, resources, log, timeout)
-    node.address, node.dashboard_url = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
+    node = _start(args, f"127.0.0.1:{port}", temp_dir, num_cpus, resources, log, timeout)
+    node.dashboard_url = f"http://127.0.0.1:{dash}"
     try:
         _wait_for_dashboard(node, time.time() + timeout)
         if wait_for_jobs:
@@ -129,8 +129,8 @@ def start_worker_node(head: LocalNode, temp_dir: Path, *, num_cpus: int, resourc
                       log: Path | None = None, timeout: float = 120.0) -> LocalNode:
     """A second node of `head`'s cluster on this machine (`ray start --address=...`), with its
     own temp dir and `num_cpus` of the machine's CPUs."""
-    node = _start([f"--address={head.address}"], temp_dir, num_cpus, resources, log, timeout)
-    node.address, node.dashboard_url = head.address, head.dashboard_url
+    node = _start([f"--address={head.address}"], head.address, temp_dir, num_cpus, resources, log, timeout)
+    node.dashboard_url = head.dashboard_url
     deadline = time.time() + timeout
     probe = ("import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False); "
              "print(sum(1 for n in ray.nodes() if n['Alive']))")
@@ -145,7 +145,7 @@ def start_worker_node(head: LocalNode, temp_dir: Path, *, num_cpus: int, resourc
         time.sleep(1)
 
 
-def _start(args: list[str], temp_dir: Path, num_cpus: int | None, resources: dict[str, float] | None,
+def _start(args: list[str], address: str, temp_dir: Path, num_cpus: int | None, resources: dict[str, float] | None,
            log: Path | None, timeout: float) -> LocalNode:
     import json
 
@@ -154,9 +154,10 @@ def _start(args: list[str], temp_dir: Path, num_cpus: int | None, resources: dic
     log = log or temp_dir / "ray-start.log"
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    # A node started from a shell that points at another cluster would send its jobs' drivers there
-    # (Ray's job supervisor resolves their address from it): this node knows its own.
-    env.pop("RAY_ADDRESS", None)
+    # Its own cluster, whatever the shell pointed at: Ray's job supervisor gives it to the jobs'
+    # drivers, and Ray Train's PlacementGroupCleaner finds the cluster by it when other clusters
+    # run on the machine.
+    env["RAY_ADDRESS"] = address
     # Ray gives its dashboard 60 s to come up; a busy machine (a CI runner, 2 cores) takes longer.
     env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", str(int(timeout)))
     cmd = [str(bin_dir / "ray"), "start", "--block", *args, f"--num-cpus={num_cpus or machine_cpus()}",
@@ -170,7 +171,7 @@ def _start(args: list[str], temp_dir: Path, num_cpus: int | None, resources: dic
     out = open(log, "w")
     # Its own process group, so `stop()` ends this node only.
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return LocalNode(proc=proc, address="", temp_dir=temp_dir, log=log, env=env)
+    return LocalNode(proc=proc, address=address, temp_dir=temp_dir, log=log, env=env)
 
 
 def _wait_for_dashboard(node: LocalNode, deadline: float) -> None:
