@@ -65,7 +65,11 @@ def test_redeploy_mid_job_keeps_the_job_and_its_status(service, http, job_id, de
     from ray.job_submission import JobSubmissionClient
 
     ray_jobs = JobSubmissionClient(ray_cluster.dashboard_url)
-    wait(lambda: http.get(f"/v1/jobs/{job_id}").json()["status"] == "RUNNING", 120, what="the job to run")
+    # RUNNING once its worker is placed (PENDING before): the driver's start, the queue and the
+    # worker's start take minutes on a busy 2-core machine.
+    status = wait(lambda: (s := http.get(f"/v1/jobs/{job_id}").json()["status"]) != "PENDING" and s, 400,
+                  every=0.5, what="the job to leave PENDING")
+    assert status == "RUNNING", status
     # Changed args give the ingress new replicas: nothing of the old replica's memory survives.
     deploy_service(service.root, **{**service.given, "max_upload_mb": 256})
     with service.client() as fresh:
