@@ -96,19 +96,40 @@ def _fluxray_command() -> str:
 
 
 def _cmd_serve(args) -> int:
+    import os
+
     import ray
     from ray import serve
 
-    from fluxray.serve.app import build_app
+    from fluxray.errors import ConfigError
+    from fluxray.serve.app import LOOPBACK, build_app
 
+    # The service's secret, kept out of the Ray processes started below (a local cluster's
+    # workers inherit this environment, training workers among them).
+    token = os.environ.pop("FLUXRAY_API_TOKEN", None)
+    if not token and args.host not in LOOPBACK:
+        raise ConfigError(f"--host {args.host}: refusing to serve the API beyond this machine without a token; "
+                          "set FLUXRAY_API_TOKEN")
     ray.init(address=args.address, configure_logging=False)
-    app = build_app({"config": args.config, "overrides": args.overrides})
+    app = build_app({"config": args.config, "overrides": args.overrides, "api_token": token})
     serve.start(http_options={"host": args.host, "port": args.port})
     print(f"fluxray at http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C stops it", flush=True)
     try:
         serve.run(app, name="fluxray", route_prefix="/", blocking=True)
     finally:
         serve.delete("fluxray")
+    return 0
+
+
+def _cmd_queue(args) -> int:
+    import time
+
+    import ray
+
+    from fluxray.train.admission import format_queue, queue_snapshot
+
+    ray.init(address=args.address, configure_logging=False, log_to_driver=False)
+    print(format_queue(queue_snapshot(), time.time()))
     return 0
 
 
@@ -213,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, a running local one, or a new one)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("queue", help="the cluster's fluxray jobs: running, and waiting in order with the reason")
+    p.add_argument("--address", help="Ray cluster (default: $RAY_ADDRESS or the running local one)")
+    p.set_defaults(func=_cmd_queue)
 
     p = sub.add_parser("config", help="print the resolved config (defaults + file + --set)")
     _add_config_args(p)

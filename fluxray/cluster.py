@@ -1,5 +1,6 @@
 """The Ray cluster as this machine sees it: the auth token a fresh machine lacks, its real CPU
-count, and local Ray nodes (`ray start`) for the demo, the tests and the benchmarks.
+count, local Ray nodes (`ray start`) for the demo, the tests and the benchmarks, and the
+resources of a running cluster per node (what a job or a replica could get, and who holds it).
 
 Ray 2.60 runs with token auth, and `ray start --head` refuses to start when `~/.ray/auth_token`
 does not exist yet (a fresh machine); `ensure_auth_token` writes it, as
@@ -112,8 +113,8 @@ def start_head(temp_dir: Path, *, num_cpus: int | None = None, resources: dict[s
     port, dash = free_port(), free_port()
     args = ["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
             "--include-dashboard=true"]
-    node = _start(args, temp_dir, num_cpus, resources, log)
-    node.address, node.dashboard_url = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
+    node = _start(args, f"127.0.0.1:{port}", temp_dir, num_cpus, resources, log, timeout)
+    node.dashboard_url = f"http://127.0.0.1:{dash}"
     try:
         _wait_for_dashboard(node, time.time() + timeout)
         if wait_for_jobs:
@@ -128,8 +129,8 @@ def start_worker_node(head: LocalNode, temp_dir: Path, *, num_cpus: int, resourc
                       log: Path | None = None, timeout: float = 120.0) -> LocalNode:
     """A second node of `head`'s cluster on this machine (`ray start --address=...`), with its
     own temp dir and `num_cpus` of the machine's CPUs."""
-    node = _start([f"--address={head.address}"], temp_dir, num_cpus, resources, log)
-    node.address, node.dashboard_url = head.address, head.dashboard_url
+    node = _start([f"--address={head.address}"], head.address, temp_dir, num_cpus, resources, log, timeout)
+    node.dashboard_url = head.dashboard_url
     deadline = time.time() + timeout
     probe = ("import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False); "
              "print(sum(1 for n in ray.nodes() if n['Alive']))")
@@ -144,8 +145,8 @@ def start_worker_node(head: LocalNode, temp_dir: Path, *, num_cpus: int, resourc
         time.sleep(1)
 
 
-def _start(args: list[str], temp_dir: Path, num_cpus: int | None, resources: dict[str, float] | None,
-           log: Path | None) -> LocalNode:
+def _start(args: list[str], address: str, temp_dir: Path, num_cpus: int | None, resources: dict[str, float] | None,
+           log: Path | None, timeout: float) -> LocalNode:
     import json
 
     ensure_auth_token()
@@ -153,6 +154,12 @@ def _start(args: list[str], temp_dir: Path, num_cpus: int | None, resources: dic
     log = log or temp_dir / "ray-start.log"
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # Its own cluster, whatever the shell pointed at: Ray's job supervisor gives it to the jobs'
+    # drivers, and Ray Train's PlacementGroupCleaner finds the cluster by it when other clusters
+    # run on the machine.
+    env["RAY_ADDRESS"] = address
+    # Ray gives its dashboard 60 s to come up; a busy machine (a CI runner, 2 cores) takes longer.
+    env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", str(int(timeout)))
     cmd = [str(bin_dir / "ray"), "start", "--block", *args, f"--num-cpus={num_cpus or machine_cpus()}",
            "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp_dir}",
            # Its own ports: the defaults are taken when another cluster runs on the machine.
@@ -164,7 +171,7 @@ def _start(args: list[str], temp_dir: Path, num_cpus: int | None, resources: dic
     out = open(log, "w")
     # Its own process group, so `stop()` ends this node only.
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return LocalNode(proc=proc, address="", temp_dir=temp_dir, log=log, env=env)
+    return LocalNode(proc=proc, address=address, temp_dir=temp_dir, log=log, env=env)
 
 
 def _wait_for_dashboard(node: LocalNode, deadline: float) -> None:
@@ -219,3 +226,54 @@ def connect(**init_kwargs) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash,
              **init_kwargs)
+
+
+# -- a running cluster's resources (the caller is connected: ray.init) ------------------------
+
+def node_totals() -> list[dict[str, float]]:
+    """Each live node's total resources (CPU, GPU, custom ones, `node:<ip>`, ...)."""
+    import ray
+
+    return [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n["Alive"]]
+
+
+def node_free() -> list[dict[str, float]]:
+    """Each live node's resources free right now (a snapshot: tasks start and end meanwhile)."""
+    # Ray has no public per-node view of free resources; its own TPU helpers use this one.
+    from ray._private.state import available_resources_per_node
+
+    return [{k: float(v) for k, v in r.items()} for r in available_resources_per_node().values()]
+
+
+def has_autoscaler() -> bool:
+    """Whether the cluster was started with an autoscaler config (it may add nodes on demand)."""
+    from ray._private.state import state
+
+    try:
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - older GCS without the key: a fixed cluster
+        return False
+    return bool(config and config.node_group_configs)
+
+
+def resource_holders(keys: set[str]) -> list[tuple[str, dict[str, float]]]:
+    """(actor class, its resources) of the live actors that hold any of `keys`, for a message
+    saying who holds what a job waits for; [] when Ray's state API does not answer."""
+    try:
+        from ray.util.state import list_actors
+
+        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000, timeout=10,
+                             raise_on_missing_output=False)
+    except Exception:  # noqa: BLE001 - only a message depends on it
+        return []
+    out = []
+    for a in actors:
+        held: dict[str, float] = {}
+        for k, v in (a.required_resources or {}).items():
+            # An actor in a placement group shows `CPU_group_<i>_<pg>` and `CPU_group_<pg>`: one CPU.
+            k = k.split("_group_")[0]
+            if k in keys and v:
+                held[k] = max(held.get(k, 0.0), float(v))
+        if held:
+            out.append((a.class_name, held))
+    return out

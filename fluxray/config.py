@@ -223,6 +223,9 @@ class DistributedConfig(_Section):
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
     zero_stage: Union[Literal["auto"], Literal[0, 2, 3]] = Field("auto", description="DeepSpeed ZeRO stage: 0 replicated, 2 sharded optimizer+grads, 3 sharded base too; `auto` picks 0 when the base fits.")
     max_failures: int = Field(2, ge=0, description="Worker failures survived by resuming from the last checkpoint.")
+    resources_per_worker: dict[str, float] = Field({}, description="Other Ray resources each worker needs, e.g. a custom accelerator resource `{accel: 1}` that generation asks for too.")
+    placement: Literal["pack", "spread"] = Field("pack", description="Where Ray puts the workers: `pack` fills a node first, `spread` one per node as far as it can.")
+    start_timeout_s: float = Field(600, gt=0, description="Seconds a job first in the queue waits for resources no fluxray job holds, and its workers take to start, before it fails saying why.")
 
     @field_validator("zero_stage", mode="before")
     @classmethod
@@ -236,6 +239,16 @@ class DistributedConfig(_Section):
     def _gpus(cls, v: Any) -> Any:
         if v != "auto" and v < 0:
             raise ValueError(f"must be >= 0 or 'auto', got {v}")
+        return v
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if name in ("CPU", "GPU"):
+                raise ValueError(f"{name} has its own key: set distributed.{name.lower()}s_per_worker")
+            if amount < 0:
+                raise ValueError(f"{name}: must be >= 0, got {amount}")
         return v
 
 

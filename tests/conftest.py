@@ -73,6 +73,22 @@ def free_port():
 
 
 @pytest.fixture(scope="session")
+def train_workers():
+    """`train_workers(node)` -> the live Ray Train worker processes (psutil) of a LocalNode: the
+    children of the raylet that runs in its temp dir."""
+    import psutil
+
+    def find(node) -> list:
+        out = []
+        for p in psutil.process_iter(["name", "cmdline"]):
+            if p.info["name"] == "raylet" and f"{node.temp_dir}/" in " ".join(p.info["cmdline"] or []):
+                out += [c for c in p.children() if " ".join(c.cmdline()).startswith("ray::RayTrainWorker")]
+        return out
+
+    return find
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A real local Ray cluster started with `ray start --head`, with the machine's real CPU
     count (never an inflated one: a job that cannot fit must not fit here either); yields the

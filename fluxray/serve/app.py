@@ -37,7 +37,16 @@ _API = "/v1/"
 
 
 class GenerationUnavailable(FluxrayError):
-    """The generation deployment cannot take the request now (queue full, replica lost); retry."""
+    """The generation deployment cannot take the request now (queue full, replica lost, training
+    holds or waits for its resources); retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 5):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+#: Hosts that only this machine reaches: the one place /v1 may be served without a token.
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class ServiceConfig(BaseModel):
@@ -47,15 +56,18 @@ class ServiceConfig(BaseModel):
 
     config: str | None = Field(None, description="Base job config YAML: the defaults of every job and of generation.")
     overrides: list[str] = Field([], description="`dotted.key=value` overrides of the base config.")
-    api_token: str | None = Field(None, description="Bearer token required on /v1/*; None takes $FLUXRAY_API_TOKEN; neither means no auth.")
+    api_token: str | None = Field(None, description="Bearer token required on /v1/*; None takes `api_token_file`, else $FLUXRAY_API_TOKEN; none of them means no auth (loopback only).")
+    api_token_file: str | None = Field(None, description="File holding the bearer token, readable by its owner only, read where the API replica runs (how `serve run`/`serve deploy` configs set it).")
     max_upload_files: int = Field(500, ge=1, description="Files per dataset upload (images, or entries of the zip).")
     max_upload_mb: int = Field(512, ge=1, description="Bytes per dataset upload, uncompressed, in MiB.")
     max_file_mb: int = Field(100, ge=1, description="Bytes per uploaded file (or zip entry), uncompressed, in MiB.")
     ray_address: str | None = Field(None, description="Ray dashboard address jobs are submitted to; None: the cluster the service runs on.")
     mlflow_ui: str | None = Field(None, description="Base URL of an MLflow UI over the tracking store, for run links (an http tracking URI links by itself).")
     max_loras: int = Field(4, ge=1, description="LoRAs kept loaded per generation replica (least recently used go first).")
-    generation_replicas: int = Field(1, ge=1, description="Replicas of the generation deployment.")
+    generation_replicas: int = Field(1, ge=1, description="Most replicas of the generation deployment; it scales between 0 and this with the requests.")
+    generation_idle_s: float = Field(60.0, ge=0, description="Seconds without a generate request before a generation replica is let go, its GPU (or CPU) back to training; the next request starts one.")
     generation_gpus: float | Literal["auto"] = Field("auto", description="GPUs per generation replica; `auto` is 1 when the cluster has GPUs.")
+    generation_resources: dict[str, float] = Field({}, description="Other Ray resources per generation replica, e.g. the custom accelerator resource the training workers ask for too.")
     generation_queue: int = Field(8, ge=1, description="Generate requests queued per caller before the API answers 503.")
     generation_timeout_s: float = Field(600.0, gt=0, description="Seconds a generate request may wait and render before the API cancels it and answers 503.")
 
@@ -164,7 +176,7 @@ def make_api(base: JobConfig, settings: ServiceConfig, render: Render) -> FastAP
 
     app.add_exception_handler(UploadError, lambda request, e: JSONResponse({"detail": str(e)}, e.status))
     app.add_exception_handler(GenerationUnavailable, lambda request, e: JSONResponse(
-        {"detail": str(e)}, 503, headers={"Retry-After": "5"}))
+        {"detail": str(e)}, 503, headers={"Retry-After": str(max(1, round(e.retry_after)))}))
     app.add_exception_handler(PrepareError, lambda request, e: JSONResponse(
         {"detail": str(e), "report": e.report.model_dump(mode="json")}, 422))
     for exc, status in ((JobNotFound, 404), (LoraNotFound, 404), (ClusterUnavailable, 503), (ConfigError, 422),
@@ -282,8 +294,82 @@ def make_api(base: JobConfig, settings: ServiceConfig, render: Render) -> FastAP
 
 
 # ---------------------------------------------------------------------------------------
+# Generation gives way to training
+# ---------------------------------------------------------------------------------------
+
+def generation_need(settings: ServiceConfig) -> dict[str, float]:
+    """The Ray resources of one generation replica (`generation_gpus` resolved)."""
+    need = {"CPU": 1.0, "GPU": float(settings.generation_gpus), **settings.generation_resources}
+    return {k: float(v) for k, v in need.items() if v}
+
+
+def generation_blocked(need: dict[str, float], jobs: list[dict], replicas: int,
+                       free: list[dict[str, float]]) -> GenerationUnavailable | None:
+    """Why a generate request is answered 503 at once rather than queued behind training (the
+    policy of docs/api.md), or None. `jobs`: the cluster's fluxray job queue; `replicas`: running
+    generation replicas; `free`: each node's free resources.
+
+    Training comes first: while a job that needs what generation uses waits or starts, no new
+    generation work keeps a replica busy (it is let go after `generation_idle_s`). With no replica
+    up, one that does not fit the free resources would hold the request until training ends.
+    """
+    from fluxray.train.admission import fmt, pack, seconds_left
+
+    def overlap(job: dict) -> dict[str, float]:
+        return {k: v for k, v in need.items() if k in job["demand"]}
+
+    waiting = [j for j in jobs if j["state"] in ("queued", "starting") and overlap(j)]
+    if waiting:
+        return GenerationUnavailable(
+            f"generate: training comes first: job {waiting[0]['run_name']} is waiting for the "
+            f"{fmt(overlap(waiting[0]))} a generation replica uses; generation resumes once it runs "
+            f"(if the cluster has room) or ends", retry_after=30)
+    if replicas == 0 and not pack([need], free):
+        holders = [j for j in jobs if j["state"] == "running" and overlap(j)]
+        left = max((seconds_left(j) or 0.0 for j in holders), default=0.0)
+        who = (f"training job {', '.join(j['run_name'] for j in holders)} holds" if holders
+               else "other Ray work holds")
+        when = f" (~{max(1, round(left / 60))} min)" if left else ""
+        return GenerationUnavailable(f"generate: {who} the {fmt(need)} a generation replica needs; "
+                                     f"retry when it ends{when}", retry_after=min(max(left, 10.0), 600.0))
+    return None
+
+
+# ---------------------------------------------------------------------------------------
 # Serve deployments
 # ---------------------------------------------------------------------------------------
+
+def read_api_token(settings: ServiceConfig) -> str | None:
+    """The bearer token: `api_token`, else the `api_token_file` (owner-only), else
+    $FLUXRAY_API_TOKEN of this process. Runs where the replica runs."""
+    if settings.api_token:
+        return settings.api_token
+    if settings.api_token_file:
+        path = Path(settings.api_token_file).expanduser()
+        try:
+            mode = path.stat().st_mode
+        except OSError as e:
+            raise ConfigError(f"api_token_file: cannot read {path} on the node the API replica runs on: "
+                              f"{e.strerror}") from None
+        if mode & 0o077:
+            raise ConfigError(f"api_token_file: {path} may be read by others (mode {mode & 0o777:o}); "
+                              f"chmod 600 {path}")
+        token = path.read_text(encoding="utf-8").strip()
+        if not token:
+            raise ConfigError(f"api_token_file: {path} is empty")
+        return token
+    return os.environ.get("FLUXRAY_API_TOKEN") or None
+
+
+def _http_host() -> str | None:
+    """The host Serve's HTTP proxy listens on (its `http_options`)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().http_config.host
+    except Exception:  # noqa: BLE001 - unknown: treated as beyond loopback
+        return None
+
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32, max_queued_requests=64)
 @serve.ingress()
@@ -293,9 +379,32 @@ class Api:
     def __init__(self, base_config: dict, settings: dict, generator):
         self.base = JobConfig.model_validate(base_config)
         self.settings = ServiceConfig.model_validate(settings)
+        # Read here, where the replica runs: `serve run`/`serve deploy` build the app in a task
+        # that never sees the operator's shell.
+        self.settings.api_token = read_api_token(self.settings)
+        host = _http_host()
+        if not self.settings.api_token and host not in LOOPBACK:
+            raise ConfigError(f"refusing to serve /v1 on {host or 'an unknown host'} without a token: set "
+                              "api_token_file in the Serve config's args (or FLUXRAY_API_TOKEN for fluxray serve)")
         self.generator = generator
+        self.need = generation_need(self.settings)
+
+    def _generation_state(self) -> tuple[list[dict], int, list[dict[str, float]]]:
+        from fluxray.cluster import node_free
+        from fluxray.train.admission import queue_snapshot
+
+        app = serve.get_replica_context().app_name
+        replicas = serve.status().applications[app].deployments["Generator"].replica_states.get("RUNNING", 0)
+        return queue_snapshot(), replicas, ([] if replicas else node_free())
+
+    async def make_way(self) -> None:
+        """503 at once (GenerationUnavailable) when training holds or waits for what generation needs."""
+        blocked = generation_blocked(self.need, *await asyncio.to_thread(self._generation_state))
+        if blocked is not None:
+            raise blocked
 
     async def render(self, lora_id: str | None, params: dict) -> bytes:
+        await self.make_way()
         response = self.generator.options(multiplexed_model_id=lora_id or "").render.remote(params)
         timeout = self.settings.generation_timeout_s
         try:
@@ -324,15 +433,21 @@ def build_app(args: dict[str, Any] | None = None):
         first = e.errors()[0]
         raise ConfigError(f"serve args: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     base = resolve_base_config(settings)
-    gpus = settings.generation_gpus
-    if gpus == "auto":
+    if settings.generation_gpus == "auto":
         import ray
 
-        gpus = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        settings.generation_gpus = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    idle = settings.generation_idle_s
+    need = generation_need(settings)
     generator = Generator.options(
-        num_replicas=settings.generation_replicas, max_queued_requests=settings.generation_queue,
-        ray_actor_options={"num_cpus": 1, "num_gpus": gpus},
+        # From zero replicas, and back to zero once idle: an idle replica never holds the GPU (or
+        # CPU) a training job waits for. A request to zero replicas starts one at once.
+        autoscaling_config={"min_replicas": 0, "initial_replicas": 0, "max_replicas": settings.generation_replicas,
+                            "downscale_delay_s": idle, "downscale_to_zero_delay_s": idle},
+        max_queued_requests=settings.generation_queue,
+        ray_actor_options={"num_cpus": need.pop("CPU"), "num_gpus": need.pop("GPU", 0.0), "resources": need},
     ).bind(base.model_dump(mode="json"), settings.max_loras)
-    # Read here, where `serve run` / `fluxray serve` runs: replicas need not share its environment.
-    settings.api_token = settings.api_token or os.environ.get("FLUXRAY_API_TOKEN") or None
+    if not settings.api_token and not settings.api_token_file:
+        # `serve run <import path>` builds here, in the operator's shell; a file comes first.
+        settings.api_token = os.environ.get("FLUXRAY_API_TOKEN") or None
     return Api.bind(base.model_dump(mode="json"), settings.model_dump(mode="json"), generator)

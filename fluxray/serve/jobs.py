@@ -47,10 +47,12 @@ class ClusterUnavailable(FluxrayError):
 
 
 class JobRecord(BaseModel):
-    """`<root>/jobs/<job_id>.json`: what the service submitted; everything else is read live."""
+    """`<root>/jobs/<job_id>.json`: what the service submitted (or found: a run that `ray job
+    submit` or `fluxray train` started under its root); everything else is read live."""
 
     job_id: str
-    submission_id: str
+    submission_id: str | None  # None: a `fluxray train` driver, not a Ray Job
+    ray_job_id: str | None = None
     run_name: str
     dataset_id: str
     created: float
@@ -129,8 +131,19 @@ class JobService:
                 raise ClusterUnavailable(f"Ray job API at {self.ray_address or '(this cluster)'} is unreachable: {e}") from None
         return self._client
 
+    def check_fits(self, cfg: JobConfig) -> None:
+        """Refuse now (ConfigError, a 422) a job the cluster can never schedule; its driver
+        would refuse it too, after the submit."""
+        import ray
+
+        if self.ray_address is None and ray.is_initialized():  # the cluster this replica runs on
+            from fluxray.train.admission import check_admissible
+
+            check_admissible(cfg)
+
     def submit(self, cfg: JobConfig, dataset_id: str, dataset_dir: Path, trigger: str) -> JobRecord:
         """Write the job's config under `<root>/jobs/` and submit it; returns the index record."""
+        self.check_fits(cfg)
         slug = re.sub(r"[^A-Za-z0-9_-]", "_", trigger)[:40]
         job_id = f"{slug}-{uuid.uuid4().hex[:8]}"
         data = cfg.model_dump(mode="json")
@@ -162,7 +175,7 @@ class JobService:
         return rec
 
     def stop(self, job_id: str) -> None:
-        rec = self.record(job_id)
+        rec = self._submitted(job_id)
         try:
             self.client().stop_job(rec.submission_id)
         except ClusterUnavailable:
@@ -171,7 +184,7 @@ class JobService:
             raise ClusterUnavailable(f"could not stop job {job_id}: {e}") from None
 
     def logs(self, job_id: str) -> str:
-        rec = self.record(job_id)
+        rec = self._submitted(job_id)
         try:
             return self.client().get_job_logs(rec.submission_id)
         except ClusterUnavailable:
@@ -179,13 +192,45 @@ class JobService:
         except Exception as e:  # noqa: BLE001
             raise ClusterUnavailable(f"could not read the logs of job {job_id}: {e}") from None
 
+    def _submitted(self, job_id: str) -> JobRecord:
+        rec = self.record(job_id)
+        if rec.submission_id is None:
+            raise FluxrayError(f"job {job_id!r} runs from `fluxray train`, not as a Ray Job: its logs and its "
+                               "stop are where it was started")
+        return rec
+
     def _ray_jobs(self) -> tuple[dict[str, Any], str | None]:
-        """Ray's job details by submission id, or ({}, why) when the job API does not answer."""
+        """Ray's job details by submission id and by Ray job id, or ({}, why) when the job API
+        does not answer."""
         try:
-            return {j.submission_id: j for j in self.client().list_jobs() if j.submission_id}, None
+            jobs = self.client().list_jobs()
         except Exception as e:  # noqa: BLE001 - the page still shows what the run folders say
             self._client = None
             return {}, str(e)
+        out = {j.job_id: j for j in jobs if j.job_id}
+        out.update({j.submission_id: j for j in jobs if j.submission_id})
+        return out, None
+
+    def adopt(self) -> None:
+        """Index the runs that Ray jobs started under this root without the service (`ray job
+        submit`, `fluxray train`), so the service lists one queue. Their drivers write their Ray
+        ids into the run status; a `--local` run has none and is left out."""
+        known = {p.stem for p in self.index.glob("*.json")}
+        for status in (self.root / "runs").glob("*/status.json"):
+            run = status.parent
+            if run.name in known or not _JOB_ID.match(run.name) or not (run / "config.yaml").is_file():
+                continue
+            try:
+                st = json.loads(status.read_text())
+                dataset = Path(load_config(run / "config.yaml").dataset.path or "").name
+            except (OSError, ValueError, FluxrayError):
+                continue  # being written, or not a run of this fluxray
+            if st.get("ray_job_id"):
+                self.index.mkdir(parents=True, exist_ok=True)
+                self._write(JobRecord(job_id=run.name, submission_id=st.get("submission_id"),
+                                      ray_job_id=st["ray_job_id"], run_name=run.name, dataset_id=dataset,
+                                      created=st.get("submitted") or status.stat().st_mtime,
+                                      config=str(run / "config.yaml")))
 
     # -- the index ------------------------------------------------------------------------
     def records(self) -> list[JobRecord]:
@@ -211,11 +256,12 @@ class JobService:
 
     # -- views ----------------------------------------------------------------------------
     def list(self, sample_url: str = "") -> list[dict]:
+        self.adopt()
         ray_jobs, why = self._ray_jobs()
         out = []
         for r in self.records():
             try:
-                out.append(self.view(r, ray_jobs.get(r.submission_id), why, sample_url, detail=False))
+                out.append(self.view(r, ray_jobs, why, sample_url, detail=False))
             except FluxrayError as e:  # e.g. its config file was deleted: list it, don't fail the list
                 out.append({"job_id": r.job_id, "status": "UNKNOWN", "message": str(e), "step": 0, "total": 0,
                             "progress": 0.0, "created": r.created})
@@ -224,10 +270,15 @@ class JobService:
     def get(self, job_id: str, sample_url: str = "") -> dict:
         rec = self.record(job_id)
         ray_jobs, why = self._ray_jobs()
-        return self.view(rec, ray_jobs.get(rec.submission_id), why, sample_url, detail=True)
+        return self.view(rec, ray_jobs, why, sample_url, detail=True)
 
-    def view(self, rec: JobRecord, ray_job, ray_error: str | None, sample_url: str, detail: bool) -> dict:
-        """Status, progress, ETA and loss (and with `detail`: loss history, samples, LoRAs, MLflow)."""
+    def view(self, rec: JobRecord, ray_jobs: dict[str, Any], ray_error: str | None, sample_url: str,
+             detail: bool) -> dict:
+        """Status, progress, ETA and loss (and with `detail`: loss history, samples, LoRAs, MLflow).
+
+        A job whose driver runs but has not started its workers is `PENDING`, with the reason
+        and its place in the cluster's queue (`fluxray.train.admission`), never `RUNNING`.
+        """
         from fluxray.serve.loras import step_lora_ids
 
         cfg = load_config(rec.config)
@@ -235,8 +286,18 @@ class JobService:
         status_file = run / "status.json"
         st = json.loads(status_file.read_text()) if status_file.exists() else {}
         finished = st.get("state") == "finished"
+        ray_job = ray_jobs.get(rec.submission_id) or ray_jobs.get(st.get("ray_job_id") or rec.ray_job_id)
+        position = None
         if ray_job is not None:
             status, message = str(ray_job.status.value), ray_job.message
+            # The status file of this driver, not of an earlier run of the same name.
+            state = st.get("state") if st.get("updated", 0) >= (ray_job.start_time or 0) / 1000 else None
+            if status == "RUNNING" and state in (None, "queued", "starting"):
+                status = "PENDING"
+                message = st.get("reason") if state else "the job driver is starting (preparing the dataset)"
+                position = st.get("queue_position") if state == "queued" else None
+            elif status == "FAILED" and state == "failed" and st.get("reason"):
+                message = st["reason"]
         else:
             # Ray no longer knows the job (a new cluster) or did not answer: trust the run folder.
             status = "SUCCEEDED" if finished else "UNKNOWN"
@@ -247,7 +308,7 @@ class JobService:
         view = {
             "job_id": rec.job_id, "run_name": rec.run_name, "dataset_id": rec.dataset_id,
             "submission_id": rec.submission_id, "created": rec.created,
-            "status": status, "message": message, "step": step, "total": total,
+            "status": status, "message": message, "queue_position": position, "step": step, "total": total,
             "progress": step / total if total else 0.0, "loss": st.get("loss"),
             "sec_per_step": st.get("sec_per_step"),
             "eta_seconds": self._eta(st, step, total, len(samples), cfg) if status == "RUNNING" else None,

@@ -115,9 +115,17 @@ def run_job(cfg: JobConfig, local: bool = False, resume: bool = False) -> dict:
     from fluxray.track import make_tracker
     from fluxray.track.mlflow_run import end_job_run, start_job_run
 
+    submitted = time.time()  # the job's place in the cluster's queue
     if resume and not cfg.save.name:
         raise ConfigError("save.name: --resume needs the name of the run to resume")
     cfg = resolve_job(cfg)
+    demand = None
+    if not local:  # a job the cluster can never schedule is refused before anything is recorded
+        from fluxray.train.admission import check_admissible
+        from fluxray.train.ray_trainer import connect
+
+        connect()
+        demand = check_admissible(cfg)
     print_advice(cfg)  # the guide's advice, printed; it never stops a job
     existing = (run_dir(cfg) / "config.yaml").exists()
     if resume and not existing:
@@ -125,6 +133,12 @@ def run_job(cfg: JobConfig, local: bool = False, resume: bool = False) -> dict:
     if existing and not resume:
         print(f"run {cfg.save.name!r} exists: resuming from its last checkpoint", flush=True)
     write_run_config(cfg)
+    ticket = None
+    if not local:  # PENDING, saying why, until it is first in the cluster's queue and its resources are free
+        from fluxray.track.local import RunRecord
+        from fluxray.train.admission import wait_for_turn
+
+        ticket = wait_for_turn(cfg, demand, submitted, RunRecord(run_dir(cfg)))
     run_id = start_job_run(cfg)
     where = ("in this process (--local: one process, no Ray)" if local
              else f"on {cfg.distributed.workers} Ray Train worker(s)")
@@ -140,9 +154,11 @@ def run_job(cfg: JobConfig, local: bool = False, resume: bool = False) -> dict:
         else:
             from fluxray.train.ray_trainer import run_ray
 
-            summary = run_ray(cfg, run_id)
+            summary = run_ray(cfg, run_id, queue_key=ticket.key)
         ok = True
     finally:
+        if ticket is not None:
+            ticket.leave()
         # Sends what rank 0 could not send (or says where it waits) and closes the MLflow run.
         end_job_run(cfg, "FINISHED" if ok else "FAILED")
     return {**summary, "run": cfg.save.name, "mlflow_run_id": run_id, "previews": str(run_dir(cfg) / "samples")}

@@ -81,17 +81,43 @@ def http(service):
         yield c
 
 
-@pytest.fixture(scope="module")
-def dataset(http):
-    """The bundled sample set uploaded to the module's service (18 images, trigger pxco); its id."""
+def upload_samples(client: httpx.Client) -> str:
+    """The bundled sample set uploaded through `client` (18 images, trigger pxco); its dataset id."""
     samples = REPO / "samples" / "pxco"
     files = [("images", (p.name, p.read_bytes(), "image/png")) for p in sorted(samples.glob("*.png"))]
     files.append(("captions", ("captions.json", (samples / "captions.json").read_bytes(), "application/json")))
-    r = http.post("/v1/datasets", files=files, data={"trigger_word": "pxco"})
+    r = client.post("/v1/datasets", files=files, data={"trigger_word": "pxco"})
     assert r.status_code == 200, r.text
     body = r.json()
     assert len(body["report"]["images"]) == 18
     return body["dataset_id"]
+
+
+@pytest.fixture(scope="module")
+def dataset(http):
+    """The bundled sample set uploaded to the module's service; its id."""
+    return upload_samples(http)
+
+
+def follow_job(client: httpx.Client, job_id: str, on_view, timeout: float) -> dict:
+    """Poll GET /v1/jobs/{job_id} every 0.5 s, handing each view to `on_view`, until the job ends;
+    returns its last view (the job's log tail on timeout)."""
+    deadline = time.time() + timeout
+    while True:
+        view = client.get(f"/v1/jobs/{job_id}").json()
+        if view["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return view
+        on_view(view)
+        if time.time() > deadline:
+            raise AssertionError(client.get(f"/v1/jobs/{job_id}/logs", params={"tail": 80}).text)
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def jobs_helpers():
+    """(`upload_samples(client)`, `follow_job(client, job_id, on_view, timeout)`) for modules that
+    run their own service."""
+    return upload_samples, follow_job
 
 
 def wait_for(predicate, timeout: float, every: float = 1.0, what: str = "condition"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -64,7 +65,11 @@ def test_redeploy_mid_job_keeps_the_job_and_its_status(service, http, job_id, de
     from ray.job_submission import JobSubmissionClient
 
     ray_jobs = JobSubmissionClient(ray_cluster.dashboard_url)
-    wait(lambda: http.get(f"/v1/jobs/{job_id}").json()["status"] == "RUNNING", 120, what="the job to run")
+    # RUNNING once its worker is placed (PENDING before): the driver's start, the queue and the
+    # worker's start take minutes on a busy 2-core machine.
+    status = wait(lambda: (s := http.get(f"/v1/jobs/{job_id}").json()["status"]) != "PENDING" and s, 400,
+                  every=0.5, what="the job to leave PENDING")
+    assert status == "RUNNING", status
     # Changed args give the ingress new replicas: nothing of the old replica's memory survives.
     deploy_service(service.root, **{**service.given, "max_upload_mb": 256})
     with service.client() as fresh:
@@ -133,6 +138,12 @@ def test_bad_job_settings_name_the_key(http, dataset):
     assert r.status_code == 422 and "train.stepz" in r.json()["detail"] and "train.steps" in r.json()["detail"]
     r = http.post("/v1/jobs", json={"dataset_id": "no-such-set", "steps": 5})
     assert r.status_code == 422 and "no-such-set" in r.json()["detail"]
+    # A job this 2-CPU cluster can never schedule: refused now, with the fix, and nothing submitted.
+    jobs_before = http.get("/v1/jobs").json()
+    r = http.post("/v1/jobs", json={"dataset_id": dataset, "config_yaml": "distributed:\n  workers: 3\n"})
+    assert r.status_code == 422 and r.json()["detail"] == (
+        "distributed: the job needs 3 workers x 1 CPU; the cluster has 2 CPU: set distributed.workers=2"), r.text
+    assert http.get("/v1/jobs").json() == jobs_before
     assert http.get("/v1/jobs/no-such-job").status_code == 404
     assert http.post("/v1/generate", json={"prompt": "x", "lora": "no-such-lora"}).status_code == 404
     assert http.post("/v1/generate", json={"prompt": "x", "width": 70}).status_code == 422
@@ -164,6 +175,37 @@ def test_cli_serve_reports_a_bad_config_in_one_line(ray_cluster):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1] == "fluxray serve: error: config file not found: no-such.yaml"
     assert "Traceback" not in r.stderr
+
+
+def test_cli_serve_refuses_to_listen_beyond_this_machine_without_a_token():
+    env = {k: v for k, v in os.environ.items() if k != "FLUXRAY_API_TOKEN"}
+    r = subprocess.run([str(Path(sys.executable).parent / "fluxray"), "serve", "--host", "0.0.0.0"],
+                       capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "fluxray serve: error: --host 0.0.0.0: refusing to serve the API beyond this machine without a token; "
+        "set FLUXRAY_API_TOKEN"), r.stderr
+
+
+def test_the_token_is_read_where_the_replica_runs_from_an_owner_only_file(tmp_path, monkeypatch):
+    from fluxray.errors import ConfigError
+    from fluxray.serve.app import ServiceConfig, read_api_token
+
+    monkeypatch.setenv("FLUXRAY_API_TOKEN", "from-the-environment")
+    path = tmp_path / "api-token"
+    path.write_text("from-the-file\n")
+    path.chmod(0o600)
+    assert read_api_token(ServiceConfig(api_token_file=str(path))) == "from-the-file"
+    assert read_api_token(ServiceConfig(api_token="given", api_token_file=str(path))) == "given"
+    assert read_api_token(ServiceConfig()) == "from-the-environment"
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match=rf"api_token_file: {path} may be read by others \(mode 644\); chmod 600"):
+        read_api_token(ServiceConfig(api_token_file=str(path)))
+    path.write_text("")
+    path.chmod(0o600)
+    with pytest.raises(ConfigError, match="is empty"):
+        read_api_token(ServiceConfig(api_token_file=str(path)))
+    with pytest.raises(ConfigError, match="cannot read .*/missing on the node the API replica runs on"):
+        read_api_token(ServiceConfig(api_token_file=str(tmp_path / "missing")))
 
 
 def test_advise_names_the_guides_step_minimum(http, dataset):

@@ -135,7 +135,40 @@ def test_a_generate_that_takes_too_long_is_cancelled_and_answered_503():
             return HungResponse()
 
     # The method alone, on the two attributes it reads: Serve's ingress wrapper needs a running Serve.
-    api = SimpleNamespace(generator=HungGenerator(), settings=ServiceConfig(generation_timeout_s=0.2))
+    api = SimpleNamespace(generator=HungGenerator(), settings=ServiceConfig(generation_timeout_s=0.2),
+                          make_way=lambda: asyncio.sleep(0))  # no training in the way
     with pytest.raises(GenerationUnavailable, match=r"no image after 0\.2 s \(generation_timeout_s\)"):
         asyncio.run(Api.func_or_class.render(api, None, {"prompt": "pxco"}))
     assert HungResponse.cancelled
+
+
+# -- training comes first ------------------------------------------------------------------------
+
+def job(name: str, state: str, demand: dict, run_dir: str = "/nonexistent") -> dict:
+    return {"run_name": name, "state": state, "demand": demand, "run_dir": run_dir}
+
+
+def test_generation_gives_way_to_a_job_that_waits_for_its_resources():
+    from fluxray.serve.app import generation_blocked
+
+    need = {"CPU": 1.0, "accel": 1.0}
+    for state in ("queued", "starting"):
+        e = generation_blocked(need, [job("pxco-1", state, {"CPU": 2.0, "accel": 1.0})], 1, [])
+        assert "training comes first: job pxco-1 is waiting for the 1 CPU, 1 accel" in str(e) and e.retry_after == 30
+    # A waiting job that needs none of what generation uses does not stop it.
+    assert generation_blocked({"GPU": 1.0}, [job("pxco-1", "queued", {"CPU": 2.0})], 1, []) is None
+
+
+def test_with_no_replica_up_a_generate_that_cannot_start_one_is_503_naming_the_job_and_when(tmp_path):
+    from fluxray.serve.app import generation_blocked
+    from fluxray.track.local import RunRecord
+
+    RunRecord(tmp_path).set_status(step=10, total=40, sec_per_step=4.0)  # 120 s left
+    running = [job("pxco-1", "running", {"CPU": 2.0}, str(tmp_path))]
+    e = generation_blocked({"CPU": 1.0}, running, 0, [{"CPU": 0.0}])
+    assert str(e) == ("generate: training job pxco-1 holds the 1 CPU a generation replica needs; "
+                      "retry when it ends (~2 min)") and e.retry_after == 120
+    assert "other Ray work holds" in str(generation_blocked({"CPU": 1.0}, [], 0, [{"CPU": 0.5}]))
+    # Room for a replica, or one already up: the request goes through.
+    assert generation_blocked({"CPU": 1.0}, running, 0, [{"CPU": 1.0}]) is None
+    assert generation_blocked({"CPU": 1.0}, running, 1, []) is None

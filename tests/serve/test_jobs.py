@@ -11,7 +11,7 @@ import pytest
 from ray.job_submission import JobStatus
 
 from fluxray.config import JobConfig, load_config
-from fluxray.errors import ConfigError
+from fluxray.errors import ConfigError, FluxrayError
 from fluxray.serve.jobs import ClusterUnavailable, JobNotFound, JobService, job_config, simple_defaults
 from fluxray.track.local import RunRecord
 
@@ -27,8 +27,9 @@ class FakeJobClient:
     def submit_job(self, *, entrypoint, runtime_env, submission_id, metadata):
         if self.fail:
             raise RuntimeError("Request failed with status code 500")
-        self.jobs[submission_id] = SimpleNamespace(submission_id=submission_id, status=JobStatus.PENDING, message="",
-                                                   entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata)
+        self.jobs[submission_id] = SimpleNamespace(submission_id=submission_id, job_id=None, status=JobStatus.PENDING,
+                                                   message="", start_time=0, entrypoint=entrypoint,
+                                                   runtime_env=runtime_env, metadata=metadata)
         return submission_id
 
     def list_jobs(self):
@@ -138,3 +139,58 @@ def test_an_expert_config_cannot_move_checkpoints_or_tracking_off_the_service(tm
     written = load_config(tmp_path / "root" / "jobs" / f"{rec.job_id}.yaml")
     assert written.storage.checkpoints is None and written.tracking.uri == "sqlite:////srv/mlflow.db"
     assert written.storage.root == str(tmp_path / "root")
+
+
+def test_a_job_whose_driver_waits_is_pending_with_its_reason_and_place_never_running(service, prepared_sample):
+    rec = submit(service, prepared_sample)
+    ray_job = service._client.jobs[rec.submission_id]
+    ray_job.status, ray_job.start_time = JobStatus.RUNNING, 1_000_000  # ms: the driver started at t=1000 s
+    record = RunRecord(service.root / "runs" / rec.run_name)
+    # A status left by an earlier run of the same name (written before this driver started).
+    record.set_status(state="running", step=7, total=40)
+    (record.dir / "status.json").write_text(json.dumps({**json.loads((record.dir / "status.json").read_text()),
+                                                        "updated": 999.0}))
+    job = service.get(rec.job_id)
+    assert (job["status"], job["message"]) == ("PENDING", "the job driver is starting (preparing the dataset)")
+    record.set_status(state="queued", reason="queued behind pxco-1", queue_position=2)
+    job = service.get(rec.job_id)
+    assert (job["status"], job["message"], job["queue_position"]) == ("PENDING", "queued behind pxco-1", 2)
+    record.set_status(state="starting", reason="starting 2 workers x 1 CPU", queue_position=None)
+    assert (service.get(rec.job_id)["status"], service.get(rec.job_id)["queue_position"]) == ("PENDING", None)
+    record.set_status(state="running", reason=None, step=1)
+    assert service.get(rec.job_id)["status"] == "RUNNING"
+    ray_job.status, ray_job.message = JobStatus.FAILED, "Job entrypoint command failed with exit code 2"
+    record.set_status(state="failed", reason="distributed.start_timeout_s: the workers could not start ...")
+    job = service.get(rec.job_id)
+    assert (job["status"], job["message"]) == ("FAILED", "distributed.start_timeout_s: the workers could not start ...")
+
+
+def test_jobs_started_with_ray_job_submit_under_the_root_are_listed_and_followed(service, prepared_sample, tmp_path):
+    from fluxray.config import dump_config
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"dataset.path={prepared_sample}", "save.name=cli-run"])
+    run = service.root / "runs" / "cli-run"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_config(cfg))
+    RunRecord(run).set_status(state="running", step=10, total=40, ray_job_id="05000000", submission_id="raysubmit_x",
+                              submitted=123.0)
+    service._client.jobs["raysubmit_x"] = SimpleNamespace(submission_id="raysubmit_x", job_id="05000000",
+                                                          status=JobStatus.RUNNING, message="", start_time=0)
+    # A --local run (no Ray job to follow) and a run being written are left out.
+    RunRecord(service.root / "runs" / "local-run").set_status(state="finished", step=2, total=2)
+    listed = {j["job_id"]: j for j in service.list()}
+    assert set(listed) == {"cli-run"}
+    job = listed["cli-run"]
+    assert (job["status"], job["step"], job["progress"], job["dataset_id"], job["created"]) == \
+        ("RUNNING", 10, 0.25, "pxco", 123.0)
+    assert service.record("cli-run").submission_id == "raysubmit_x"  # indexed: get, logs and stop find it
+    # A `fluxray train` driver is a Ray job without a submission: followed by its Ray job id.
+    other = service.root / "runs" / "train-run"
+    other.mkdir()
+    (other / "config.yaml").write_text(dump_config(cfg))
+    RunRecord(other).set_status(state="finished", step=40, total=40, ray_job_id="06000000")
+    service._client.jobs["06000000"] = SimpleNamespace(submission_id=None, job_id="06000000",
+                                                       status=JobStatus.SUCCEEDED, message="", start_time=0)
+    assert {j["job_id"]: j["status"] for j in service.list()}["train-run"] == "SUCCEEDED"
+    with pytest.raises(FluxrayError, match="runs from `fluxray train`, not as a Ray Job"):
+        service.logs("train-run")

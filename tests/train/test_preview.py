@@ -106,8 +106,10 @@ def test_a_failed_render_fails_finish(tiny_config):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_ray_job_logs_previews_from_its_actor_while_the_workers_train(tiny_config, ray_driver, tiny_model):
-    # 512², 8 sampling steps: a render takes ~10 training steps, so blocking would show.
-    cfg = tiny_config("train.steps=4", "sample.every=2", "save.every=4", "validation.every=4", "sample.mode=actor",
+    # 512², 8 sampling steps: a render takes ~10 training steps, so blocking would show. One worker
+    # and the actor take the machine's 2 CPUs (two workers beside it are refused: test_admission).
+    cfg = tiny_config("distributed.workers=1", "train.steps=4", "sample.every=2", "save.every=4",
+                      "validation.every=4", "sample.mode=actor",
                       "sample.width=512", "sample.height=512", "sample.steps=8", "distributed.max_failures=0",
                       'sample.prompts=["[trigger], portrait", "[trigger], smile"]', "validation.embedding_model=tiny")
     summary = run_job(cfg)

@@ -12,9 +12,12 @@ def test_workers_get_the_fluxray_switches_and_the_mlflow_server_of_the_driver(mo
     monkeypatch.setenv("FLUXRAY_CRASH_AT", "15:1")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-workers")
+    monkeypatch.setenv("FLUXRAY_API_TOKEN", "the-services-secret")  # an operator's shell that also serves
     env = worker_env()
     assert env["FLUXRAY_CRASH_AT"] == "15:1" and env["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
     assert env["PYTHONUNBUFFERED"] == "1" and "AWS_SECRET_ACCESS_KEY" not in env
+    # Blanked: a worker's base environment is its raylet's, which may hold the operator's.
+    assert env["FLUXRAY_API_TOKEN"] == "" and "the-services-secret" not in env.values()
 
 
 def test_checkpoints_live_under_the_root_or_in_storage_checkpoints(tmp_path):

@@ -130,7 +130,8 @@ async function refreshJobs() {
     tr.className = j.job_id === state.job ? "selected" : "";
     tr.innerHTML = `<td></td><td class="status"></td><td>${Math.round(100 * j.progress)}% (${j.step}/${j.total})</td>`;
     tr.cells[0].textContent = j.job_id;
-    tr.cells[1].textContent = j.status;
+    tr.cells[1].textContent = j.status + (j.queue_position ? ` #${j.queue_position}` : "");
+    tr.cells[1].title = j.status === "PENDING" ? j.message || "" : "";
     tr.onclick = () => selectJob(j.job_id);
     return tr;
   }));
@@ -180,7 +181,9 @@ function renderJob(job) {
   $("job-convergence").textContent = job.convergence
     ? job.convergence + (job.best_step != null ? ` · best checkpoint: step ${job.best_step}` : "")
       + (job.similarity ? ` · ${job.similarity}` : "") : "";
-  $("job-message").textContent = job.status === "FAILED" || job.status === "UNKNOWN" ? job.message || "" : "";
+  // Why a job waits (and its place in the cluster's queue), or why it failed.
+  const place = job.queue_position ? `#${job.queue_position} in the queue: ` : "";
+  $("job-message").textContent = ["PENDING", "FAILED", "UNKNOWN"].includes(job.status) ? place + (job.message || "") : "";
   const ml = job.mlflow;
   $("job-mlflow").innerHTML = "";
   if (ml && ml.run_id) {
