@@ -31,6 +31,9 @@ DEFAULT_SAMPLE_PROMPTS = [
 #: Value of `model.path` that means "the embedded tiny random-weight FLUX", built on first use.
 TINY_MODEL = "tiny"
 
+#: Values of `model.quantize` that store the base's block linears in fewer bits.
+QUANTIZED = ("int8", "fp8", "nf4")
+
 #: peft target modules: every attention and MLP projection of FLUX's double and single blocks.
 DEFAULT_LORA_TARGETS = [
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -58,6 +61,8 @@ class ModelConfig(_Section):
     revision: str | None = Field(None, description="Hub revision of `path` (branch, tag or commit).")
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="Dtype the frozen base weights are held in: `bf16`, `fp32`, or `auto` (bf16 on a GPU with bf16, else fp32). The LoRA, its AdamW state and the EMA are fp32 whatever this says (docs/architecture.md, Precision).")
     max_sequence_length: int = Field(512, ge=1, le=512, description="T5 tokens per caption: 512 for dev, 256 for schnell.")
+    quantize: Literal["auto", "none", "int8", "fp8", "nf4"] = Field("auto", description="Storage of the frozen transformer's block linears: `none` as `dtype`; `int8`/`fp8` (torchao weight-only, fp8 needs compute capability 8.9+) or `nf4` (bitsandbytes 4-bit) let FLUX.1-dev train on a 24 GB card; `auto` keeps bf16 when it fits the GPU, else the memory plan's pick (docs/memory.md). The LoRA file is the same either way.")
+    quantize_text_encoder: bool = Field(False, description="Load T5-XXL in int8 (torchao weight-only) while the caption embeddings are computed: 4.8 GB instead of 9.5 GB on the GPU.")
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -311,6 +316,10 @@ class JobConfig(_Section):
         if self.train.warmup_steps >= self.train.steps and self.train.warmup_steps > 0:
             raise ValueError(
                 f"train.warmup_steps ({self.train.warmup_steps}) must be below train.steps ({self.train.steps})")
+        if self.model.quantize in QUANTIZED and self.distributed.zero_stage == 3:
+            raise ValueError(f"model.quantize={self.model.quantize} with distributed.zero_stage=3: ZeRO-3 shards plain "
+                             "tensors, not quantized ones; use zero_stage 0 or 2 (each worker holds the quantized base) "
+                             "or quantize none (ZeRO-3 shards the bf16 base), got distributed.zero_stage=3")
         if self.validation.embedding_model and not self.sample.every:
             raise ValueError("validation.embedding_model scores the previews, which sample.every = 0 turns off: "
                              "set sample.every or remove validation.embedding_model, got sample.every=0")

@@ -43,17 +43,23 @@ def resolve_model_path(cfg: JobConfig) -> str:
 
 
 def load_pipeline(path: str, dtype: torch.dtype = torch.float32, revision: str | None = None,
-                  device: torch.device | str = "cpu", text_encoders: bool = True):
+                  device: torch.device | str = "cpu", text_encoders: bool = True, quantize: str = "none"):
     """`FluxPipeline.from_pretrained` with a clear error when the weights are not there.
 
     `text_encoders=False` skips CLIP and T5 (T5-XXL alone is 9.5 GB) for a job whose
     caption embeddings are cached; `attach_text_encoders` loads them if needed after all.
+    `quantize` (`int8`, `fp8`, `nf4`) loads the transformer through `fluxray.model.quantize`,
+    quantized weight by weight on `device`, never whole in bf16 there.
     """
     from diffusers import FluxPipeline
 
-    skip = {"text_encoder": None, "text_encoder_2": None} if not text_encoders else {}
+    parts = {"text_encoder": None, "text_encoder_2": None} if not text_encoders else {}
     try:
-        pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype, revision=revision, **skip)
+        if quantize != "none":
+            from fluxray.model.quantize import load_transformer
+
+            parts["transformer"] = load_transformer(path, quantize, dtype, revision, device)
+        pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype, revision=revision, **parts)
     except (OSError, ValueError, EnvironmentError) as e:
         raise FluxrayError(
             f"model.path: cannot load a FLUX pipeline from {path!r}: {e}. "
@@ -68,13 +74,17 @@ def is_guidance_distilled(transformer) -> bool:
 
 
 def attach_text_encoders(pipe, path: str, dtype: torch.dtype, revision: str | None = None,
-                         device: torch.device | str = "cpu") -> None:
-    """Load CLIP and T5 into a pipeline that was loaded without them."""
+                         device: torch.device | str = "cpu", quantize_t5: bool = False) -> None:
+    """Load CLIP and T5 into a pipeline that was loaded without them; `quantize_t5` stores T5 in int8."""
     from transformers import CLIPTextModel, T5EncoderModel
 
     if pipe.text_encoder is None:
         pipe.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype,
                                                           revision=revision).to(device)
     if pipe.text_encoder_2 is None:
-        pipe.text_encoder_2 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=dtype,
-                                                             revision=revision).to(device)
+        t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", torch_dtype=dtype, revision=revision)
+        if quantize_t5:
+            from fluxray.model.quantize import quantize_text_encoder
+
+            t5 = quantize_text_encoder(t5, device)
+        pipe.text_encoder_2 = t5.to(device)
