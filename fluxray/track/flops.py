@@ -1,4 +1,4 @@
-"""Model FLOPs of a FLUX LoRA step and the GPU peaks they are measured against (MFU).
+"""Model FLOPs of a FLUX LoRA step, and the GPUs they are measured against (MFU) and planned for.
 
 Pure functions of the transformer config, so the loop, the benchmarks and the time
 estimator count the same way for FLUX.1-dev and for the tiny test model.
@@ -6,19 +6,55 @@ estimator count the same way for FLUX.1-dev and for the tiny test model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 #: The fields of FLUX.1-dev's `transformer/config.json` that the count uses.
 FLUX1_DEV = {"num_layers": 19, "num_single_layers": 38, "num_attention_heads": 24, "attention_head_dim": 128,
              "in_channels": 64, "joint_attention_dim": 4096}
 
-#: bf16 dense tensor-core peaks in TFLOP/s (no sparsity), matched against the CUDA device
-#: name; the most specific name first ("H100 PCIe" before "H100").
-PEAK_BF16_TFLOPS = (
-    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0), ("B200", 2250.0),
-    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("A6000", 155.0),
-    ("A10G", 70.0), ("A10", 125.0), ("L4", 121.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0),
+@dataclass(frozen=True)
+class Gpu:
+    """A CUDA device model: what MFU divides by, what the memory plan fits into, what fp8 needs."""
+
+    name: str  # matched against a device name: every word of it must be there ("A100 40GB" ~ "NVIDIA A100-SXM4-40GB")
+    label: str  # how fluxray names it to a user
+    bf16_tflops: float  # dense tensor-core peak, no sparsity
+    memory_gib: float  # total memory as the card reports it (nvidia-smi MiB / 1024)
+    capability: tuple[int, int]  # CUDA compute capability
+
+
+#: The GPUs fluxray knows, the most specific name first ("H100 PCIe" before "H100").
+GPUS = (
+    Gpu("H200", "H200 141 GB", 989.0, 140.4, (9, 0)),
+    Gpu("GH200", "GH200 96 GB", 989.0, 95.6, (9, 0)),
+    Gpu("H100 PCIe", "H100 PCIe 80 GB", 756.0, 79.6, (9, 0)),
+    Gpu("H100", "H100 80 GB", 989.0, 79.6, (9, 0)),
+    Gpu("B200", "B200 180 GB", 2250.0, 179.1, (10, 0)),
+    Gpu("A100 40GB", "A100 40 GB", 312.0, 40.0, (8, 0)),
+    Gpu("A100", "A100 80 GB", 312.0, 80.0, (8, 0)),
+    Gpu("A800", "A800 80 GB", 312.0, 80.0, (8, 0)),
+    Gpu("L40S", "L40S 48 GB", 362.0, 45.0, (8, 9)),
+    Gpu("L40", "L40 48 GB", 181.0, 45.0, (8, 9)),
+    Gpu("A6000", "RTX A6000 48 GB", 155.0, 48.0, (8, 6)),
+    Gpu("A10G", "A10G 24 GB", 70.0, 22.5, (8, 6)),
+    Gpu("A10", "A10 24 GB", 125.0, 22.5, (8, 6)),
+    Gpu("L4", "L4 24 GB", 121.0, 22.5, (8, 9)),
+    Gpu("RTX 4090", "RTX 4090 24 GB", 165.0, 24.0, (8, 9)),
+    Gpu("RTX 3090", "RTX 3090 24 GB", 71.0, 24.0, (8, 6)),
 )
+
+
+def _words(name: str) -> set[str]:
+    return set(name.lower().replace("-", " ").replace("_", " ").split())
+
+
+def find_gpu(device_name: str | None) -> Gpu | None:
+    """The known GPU a CUDA device name (or a user's `--gpu`) means; None for a CPU or an unknown GPU."""
+    if not device_name:
+        return None
+    words = _words(device_name)
+    return next((g for g in GPUS if _words(g.name) <= words), None)
 
 
 def lora_step_flops(config: Mapping[str, Any], width: int, height: int, text_tokens: int, batch_size: int = 1,
@@ -60,9 +96,5 @@ def lora_step_flops(config: Mapping[str, Any], width: int, height: int, text_tok
 
 def peak_flops(device_name: str | None) -> float | None:
     """bf16 dense peak FLOP/s of a CUDA device by its name; None for a CPU or an unknown GPU."""
-    if not device_name:
-        return None
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key.lower() in device_name.lower():
-            return tflops * 1e12
-    return None
+    gpu = find_gpu(device_name)
+    return gpu.bf16_tflops * 1e12 if gpu else None
