@@ -2,29 +2,21 @@
 an ETA refined from the measured step time, with the time spent sampling shown apart.
 
 The FLOPs come from `fluxray.track.flops` (the count MFU uses); previews and the validation
-loss are forward passes, counted the same way. Nothing here imports torch except the
-`gradient_checkpointing: auto` decision, which asks the loop's own activation estimate.
+loss are forward passes, counted the same way. Whether the steps recompute activations is the
+memory plan's choice (`fluxray.advise.memory`). Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass
 
-from fluxray.config import TINY_MODEL, JobConfig
+from fluxray.advise.memory import choose, model_configs
+from fluxray.config import JobConfig
 from fluxray.errors import ConfigError
-from fluxray.track.flops import FLUX1_DEV, PEAK_BF16_TFLOPS, lora_step_flops, peak_flops
+from fluxray.track.flops import GPUS, find_gpu, lora_step_flops
 
-#: GPU memory in GiB by device name, the most specific name first (as PEAK_BF16_TFLOPS).
-GPU_MEMORY_GIB = (
-    ("H200", 141), ("GH200", 96), ("H100", 80), ("B200", 180), ("A100 40GB", 40), ("A100-40GB", 40),
-    ("A100", 80), ("A800", 80), ("L40S", 48), ("L40", 48), ("A6000", 48), ("A10G", 24), ("A10", 24),
-    ("L4", 24), ("RTX 4090", 24), ("RTX 3090", 24),
-)
-# Share of a GPU that the frozen base plus activations may fill (as the loop decides).
-_FIT_FRACTION = 0.85
 #: The GPU of an estimate when neither `--gpu` nor this machine names one.
 REFERENCE_GPU = "H100"
 
@@ -34,36 +26,9 @@ REFERENCE_GPU = "H100"
 # ---------------------------------------------------------------------------------------
 
 def model_dims(cfg: JobConfig) -> tuple[dict, str]:
-    """The transformer config the count uses, and where it came from.
-
-    A local folder (or the built tiny model) and a hub id already in the HF cache give their
-    own `transformer/config.json`; anything else is taken to be FLUX.1-dev. A `model.path` that
-    is neither a folder nor a hub id is a `ConfigError`.
-    """
-    from fluxray.model.source import local_model_folder
-
-    folder = local_model_folder(cfg)
-    found = folder / "transformer" / "config.json" if folder else None
-    if found is not None and found.is_file():
-        return json.loads(found.read_text()), str(found)
-    return dict(FLUX1_DEV), "FLUX.1-dev" + (" (assumed: the tiny model is not built yet)" if cfg.model.path == TINY_MODEL
-                                            else " (assumed)")
-
-
-def transformer_params(dims: dict) -> int:
-    """Parameters of `FluxTransformer2DModel` with this config (FLUX.1-dev: 11,901,408,320)."""
-    d = dims["num_attention_heads"] * dims["attention_head_dim"]
-    hd = dims["attention_head_dim"]
-    double = 36 * d * d + 30 * d + 4 * hd  # 2 streams x (modulation 6d, q k v out, MLP 4x), q/k norms
-    single = 15 * d * d + 11 * d + 2 * hd  # modulation 3d, q k v, MLP in 4x, fused out 5d -> d
-    mlp2 = d * d + d  # the second linear of each embedder
-    embed = (dims["in_channels"] + 1) * d + (dims["joint_attention_dim"] + 1) * d
-    embed += (256 + 1) * d + mlp2  # timestep
-    embed += ((256 + 1) * d + mlp2) if dims.get("guidance_embeds", True) else 0
-    embed += (dims.get("pooled_projection_dim", 768) + 1) * d + mlp2  # CLIP pooled
-    out_channels = dims.get("out_channels") or dims["in_channels"]
-    head = 2 * d * d + 2 * d + (d + 1) * dims.get("patch_size", 1) ** 2 * out_channels
-    return dims["num_layers"] * double + dims["num_single_layers"] * single + embed + head
+    """The transformer config the count uses, and where it came from (FLUX.1-dev's when not on disk)."""
+    models = model_configs(cfg)
+    return models.transformer, models.source
 
 
 def forward_flops(dims: dict, width: int, height: int, text_tokens: int) -> float:
@@ -160,7 +125,7 @@ class Estimate:
                 f"({self.gpu_hours:.2f} GPU-hours)\n"
                 + (f"  ({self.note})\n" if self.note else "") +
                 f"  training   {_hms(self.train_seconds)}  ({self.step_tflop:.1f} TFLOP per step; "
-                f"gradient checkpointing {'on' if self.checkpointing else 'off'}: {self.checkpointing_reason})\n"
+                f"{self.checkpointing_reason})\n"
                 f"  previews   {_hms(self.sample_seconds)}\n"
                 f"  validation {_hms(self.validation_seconds)}\n"
                 f"  model: {self.dims_source}")
@@ -179,7 +144,7 @@ def target_gpu(cfg: JobConfig, gpu: str | None = None) -> tuple[str, str]:
     if gpu:
         return gpu, ""
     here = local_gpu()
-    name = here if here and peak_flops(here) else REFERENCE_GPU
+    name = here if here and find_gpu(here) else REFERENCE_GPU
     if cfg.distributed.gpus_per_worker == 0:
         return name, (f"this config trains on CPU (distributed.gpus_per_worker: 0): the figure is for {name} "
                       "GPUs; --gpu names another")
@@ -194,38 +159,23 @@ def estimate(cfg: JobConfig, gpu: str | None = REFERENCE_GPU, mfu: float = 0.4, 
     """Time of the job on `workers` GPUs named `gpu` (e.g. "H100", "A100 40GB", "L40S") at `mfu`;
     `gpu=None`: this machine's (see `target_gpu`), with a note saying which."""
     gpu, note = target_gpu(cfg, gpu)
-    peak = peak_flops(gpu)
-    if peak is None:
-        known = ", ".join(name for name, _ in PEAK_BF16_TFLOPS)
+    card = find_gpu(gpu)
+    if card is None:
+        known = ", ".join(g.name for g in GPUS)
         raise ConfigError(f"estimate: unknown GPU {gpu!r} (known: {known})")
     if not 0 < mfu <= 1:
         raise ConfigError(f"estimate: mfu must be in (0, 1], got {mfu}")
     world = workers or cfg.distributed.workers
-    dims, source = model_dims(cfg)
-    memory = gpu_memory_gib or next((gib for name, gib in GPU_MEMORY_GIB if name.lower() in gpu.lower()), 80)
-    on, reason = _checkpointing(cfg, dims, sizes, memory)
-    budget = flop_budget(cfg, sizes, world, on, dims)
-    rate = peak * mfu
+    models = model_configs(cfg)
+    chosen, reason = choose(cfg, card, (gpu_memory_gib or card.memory_gib) * 2**30, models=models, sizes=sizes,
+                            workers=world)
+    on = chosen.setting.checkpointing
+    budget = flop_budget(cfg, sizes, world, on, models.transformer)
+    rate = card.bf16_tflops * 1e12 * mfu
     return Estimate(gpu=gpu, workers=world, mfu=mfu, step_tflop=budget.step / 1e12, checkpointing=on,
                     checkpointing_reason=reason, train_seconds=budget.train / rate,
                     validation_seconds=budget.validation / rate, sample_seconds=budget.sampling / rate,
-                    dims_source=source, note=note)
-
-
-def _checkpointing(cfg: JobConfig, dims: dict, sizes, memory_gib: float) -> tuple[bool, str]:
-    """The loop's rule: `auto` recomputes activations only when bf16 base + activations overflow."""
-    setting = cfg.train.gradient_checkpointing
-    if setting != "auto":
-        return setting == "on", f"train.gradient_checkpointing={setting}"
-    from fluxray.train.engine import activation_estimate
-
-    hidden = dims["num_attention_heads"] * dims["attention_head_dim"]
-    layers = dims["num_layers"] + dims["num_single_layers"]
-    tokens = max(w * h for w, h in training_sizes(cfg, sizes)) // 256 + cfg.model.max_sequence_length
-    need = transformer_params(dims) * 2 + activation_estimate(hidden, layers, tokens, cfg.train.batch_size, 2, False)
-    on = need > _FIT_FRACTION * memory_gib * 2**30
-    return on, (f"base + activations {need / 2**30:.0f} GiB {'>' if on else '<='} "
-                f"{_FIT_FRACTION:.0%} of {memory_gib:.0f} GiB")
+                    dims_source=models.source, note=note)
 
 
 def _hms(seconds: float) -> str:

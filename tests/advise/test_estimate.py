@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fluxray.advise.estimate import (eta, estimate, flop_budget, forward_flops, model_dims, sample_events,
-                                     transformer_params)
+from fluxray.advise.estimate import eta, estimate, flop_budget, forward_flops, model_dims, sample_events
+from fluxray.advise.memory import transformer_params
 from fluxray.config import load_config
 from fluxray.errors import ConfigError
 from fluxray.track.flops import FLUX1_DEV

@@ -130,3 +130,13 @@ def test_a_lora_trained_on_a_quantized_base_works_on_the_unquantized_model(tiny_
     plain.load_lora_weights(str(path), adapter_name="q")
     assert not np.array_equal(np.asarray(generate(plain, embeds, **kw)), base_image)
     assert _val(plain.transformer, val_set, plain_spec) < 0.9 * base_loss
+
+
+def test_quantization_with_zero3_fails_at_load_saying_what_to_use():
+    from fluxray.config import load_config
+    from fluxray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.quantize=nf4 with distributed.zero_stage=3.*use zero_stage 0 or 2"):
+        load_config(None, ["model.quantize=nf4", "distributed.zero_stage=3"])
+    assert load_config(None, ["model.quantize=none", "distributed.zero_stage=3"]).distributed.zero_stage == 3
+    assert load_config(None, ["model.quantize=int8", "distributed.zero_stage=2"]).model.quantize == "int8"
