@@ -163,13 +163,20 @@ def _cmd_mlflow(args) -> int:
 
 def _cmd_advise(args) -> int:
     from fluxray.advise.estimate import estimate
+    from fluxray.advise.memory import choose, target_gpu
     from fluxray.advise.rules import advise, check_strict, dataset_facts, format_advice
 
     cfg = _load(args)
     items = advise(cfg)
     print(format_advice(items))
-    # `--gpu` unset: this machine's GPU, and the estimate says when it is for another one.
-    print(estimate(cfg, gpu=args.gpu, mfu=args.mfu, sizes=dataset_facts(cfg)[1]).format())
+    sizes = dataset_facts(cfg)[1]
+    # `--gpu` unset: this machine's GPU, and the plan and estimate say when they are for another one.
+    gpu, note = target_gpu(cfg, args.gpu)
+    chosen, why = choose(cfg, gpu, sizes=sizes)
+    print(chosen.line(gpu))
+    print(f"  {chosen.breakdown()}")
+    print(f"  auto: {why}" + (f" ({note})" if note else ""))
+    print(estimate(cfg, gpu=args.gpu, mfu=args.mfu, sizes=sizes, gpu_memory_gib=gpu.memory_gib).format())
     if args.strict:
         check_strict(items)
     return 0
@@ -254,11 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=_cmd_mlflow)
 
-    p = sub.add_parser("advise", help="what to change before training (the guide's advice), and a time estimate")
+    p = sub.add_parser("advise", help="what to change before training (the guide's advice), peak GPU memory and "
+                                      "a time estimate")
     _add_config_args(p, required=True)
     p.add_argument("--strict", action="store_true", help="exit non-zero when there is any warning or error")
-    p.add_argument("--gpu", help="GPU of the time estimate (H100, H200, A100, L40S, RTX 4090, ...; default: this "
-                                 "machine's, else H100)")
+    p.add_argument("--gpu", help="GPU to plan memory and time for (RTX 4090, L4, A100 40GB, H100, ...); "
+                                 "default: this machine's, else H100")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed by the estimate")
     p.set_defaults(func=_cmd_advise)
 

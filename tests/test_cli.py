@@ -138,3 +138,16 @@ def test_local_train_runs_in_one_process_and_ends_with_the_next_steps(tmp_path):
     assert f"fluxray mlflow --config configs/tiny.yaml --set storage.root={tmp_path}`" in end["MLflow"]
     assert "workflowType=machine_learning" in end["MLflow"]
     assert f"fluxray serve --config configs/tiny.yaml --set storage.root={tmp_path}`" in end["web page"]
+
+
+def test_advise_prints_the_peak_memory_line_for_the_named_or_assumed_card():
+    r = run("advise", "--config", "configs/flux-dev.yaml", "--set", "model.quantize=nf4")
+    assert r.returncode == 0, r.stderr
+    line = r"peak GPU memory per worker: \d+\.\d GiB \(fits {}\)"
+    assert re.search("^" + line.format("H100 80 GB") + "$", r.stdout, re.M), r.stdout  # no GPU here: an H100
+    assert "(no GPU on this machine: the figure is for H100 GPUs; --gpu names another)" in r.stdout
+    r = run("advise", "--config", "configs/flux-dev.yaml", "--gpu", "RTX 4090")
+    assert re.search("^" + line.format("RTX 4090 24 GB") + "$", r.stdout, re.M), r.stdout
+    assert "auto: int8 base, ZeRO-0, gradient checkpointing on" in r.stdout
+    bad = run("advise", "--config", "configs/flux-dev.yaml", "--gpu", "Z80")
+    assert bad.returncode == 2 and "unknown GPU 'Z80'" in bad.stderr and "Traceback" not in bad.stderr

@@ -12,13 +12,10 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from fluxray.advise.memory import choose, model_configs
+from fluxray.advise.memory import REFERENCE_GPU, choose, model_configs, target_gpu
 from fluxray.config import JobConfig
 from fluxray.errors import ConfigError
-from fluxray.track.flops import GPUS, find_gpu, lora_step_flops
-
-#: The GPU of an estimate when neither `--gpu` nor this machine names one.
-REFERENCE_GPU = "H100"
+from fluxray.track.flops import find_gpu, lora_step_flops
 
 
 # ---------------------------------------------------------------------------------------
@@ -105,7 +102,7 @@ class Estimate:
     mfu: float
     step_tflop: float  # one optimizer step of one worker (model FLOPs, as MFU counts them)
     checkpointing: bool
-    checkpointing_reason: str
+    checkpointing_reason: str  # the memory plan's setting
     train_seconds: float
     validation_seconds: float
     sample_seconds: float
@@ -131,49 +128,25 @@ class Estimate:
                 f"  model: {self.dims_source}")
 
 
-def local_gpu() -> str | None:
-    """The name of this machine's first GPU, None without one."""
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-
-
-def target_gpu(cfg: JobConfig, gpu: str | None = None) -> tuple[str, str]:
-    """The GPU an estimate is for, and a note when that is not the one the job will use: `gpu` when
-    named, else this machine's GPU, else `REFERENCE_GPU`."""
-    if gpu:
-        return gpu, ""
-    here = local_gpu()
-    name = here if here and find_gpu(here) else REFERENCE_GPU
-    if cfg.distributed.gpus_per_worker == 0:
-        return name, (f"this config trains on CPU (distributed.gpus_per_worker: 0): the figure is for {name} "
-                      "GPUs; --gpu names another")
-    if name != here:
-        missing = "no GPU on this machine" if here is None else f"no peak FLOPs known for {here}"
-        return name, f"{missing}: the figure is for {name} GPUs; --gpu names another"
-    return name, ""
-
-
 def estimate(cfg: JobConfig, gpu: str | None = REFERENCE_GPU, mfu: float = 0.4, *, workers: int | None = None,
              sizes: list[tuple[int, int]] | None = None, gpu_memory_gib: float | None = None) -> Estimate:
     """Time of the job on `workers` GPUs named `gpu` (e.g. "H100", "A100 40GB", "L40S") at `mfu`;
-    `gpu=None`: this machine's (see `target_gpu`), with a note saying which."""
-    gpu, note = target_gpu(cfg, gpu)
-    card = find_gpu(gpu)
-    if card is None:
-        known = ", ".join(g.name for g in GPUS)
-        raise ConfigError(f"estimate: unknown GPU {gpu!r} (known: {known})")
+    `gpu=None`: this machine's (`memory.target_gpu`), with a note saying which."""
+    card, note = target_gpu(cfg, gpu)
+    if not card.bf16_tflops:
+        note = f"no peak FLOPs known for {card.name}: the figure is for {REFERENCE_GPU} GPUs; --gpu names another"
+        card = find_gpu(REFERENCE_GPU)
     if not 0 < mfu <= 1:
         raise ConfigError(f"estimate: mfu must be in (0, 1], got {mfu}")
     world = workers or cfg.distributed.workers
     models = model_configs(cfg)
-    chosen, reason = choose(cfg, card, (gpu_memory_gib or card.memory_gib) * 2**30, models=models, sizes=sizes,
+    chosen, _ = choose(cfg, card, (gpu_memory_gib or card.memory_gib) * 2**30, models=models, sizes=sizes,
                             workers=world)
     on = chosen.setting.checkpointing
     budget = flop_budget(cfg, sizes, world, on, models.transformer)
     rate = card.bf16_tflops * 1e12 * mfu
-    return Estimate(gpu=gpu, workers=world, mfu=mfu, step_tflop=budget.step / 1e12, checkpointing=on,
-                    checkpointing_reason=reason, train_seconds=budget.train / rate,
+    return Estimate(gpu=card.name, workers=world, mfu=mfu, step_tflop=budget.step / 1e12, checkpointing=on,
+                    checkpointing_reason=chosen.setting.describe(), train_seconds=budget.train / rate,
                     validation_seconds=budget.validation / rate, sample_seconds=budget.sampling / rate,
                     dims_source=models.source, note=note)
 

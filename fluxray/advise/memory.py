@@ -14,15 +14,17 @@ import json
 import math
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fluxray.config import TINY_MODEL, JobConfig
 from fluxray.errors import ConfigError
-from fluxray.track.flops import FLUX1_DEV, Gpu
+from fluxray.track.flops import FLUX1_DEV, GPUS, Gpu, find_gpu
 
 #: Share of a card kept free: the CUDA context, the caching allocator's slack, fragmentation.
 HEADROOM = 0.10
+#: The GPU to plan for when neither `--gpu` nor this machine names one.
+REFERENCE_GPU = "H100"
 #: FLUX.1-dev's text encoders and VAE (their config.json fields the count uses), for a model not on disk.
 T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "num_heads": 64, "d_ff": 10240, "num_layers": 24,
           "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"}
@@ -315,9 +317,10 @@ class MemoryPlan:
     def breakdown(self) -> str:
         gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
         w, h = self.resolution
-        return (f"  {self.setting.describe()}, {self.workers} worker(s):\n"
-                f"    base weights {gib(self.base)} + LoRA and optimizer {gib(self.lora)} + activations at "
-                f"{w}x{h} {gib(self.activations)} = {gib(self.steps)}; filling the caches {gib(self.caches)}")
+        workers = f"{self.workers} worker{'s' if self.workers > 1 else ''}"
+        return (f"{self.setting.describe()}, {workers}: base weights {gib(self.base)} + LoRA and "
+                f"optimizer {gib(self.lora)} + activations at {w}x{h} {gib(self.activations)} = {gib(self.steps)}; "
+                f"filling the caches {gib(self.caches)}")
 
 
 def plan(cfg: JobConfig, setting: Setting, models: ModelConfigs | None = None,
@@ -412,6 +415,50 @@ def check_quantize(quantize: str, gpu: Gpu | None) -> str | None:
     return None
 
 
+def local_gpu() -> Gpu | None:
+    """This machine's first CUDA device (the only place torch is imported), with the memory it
+    reports; a card the table does not know has no bf16 peak. None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    gib = props.total_memory / 2**30
+    known = find_gpu(props.name)
+    if known is not None:
+        return replace(known, memory_gib=gib)
+    return Gpu(props.name, f"{props.name} {gib:.0f} GB", 0.0, gib, (props.major, props.minor))
+
+
+def target_gpu(cfg: JobConfig, name: str | None = None) -> tuple[Gpu, str]:
+    """The card to plan memory and time for, and a note when it is not the one the job will use:
+    the one `name` names, else this machine's, else `REFERENCE_GPU`."""
+    if name:
+        gpu = find_gpu(name)
+        if gpu is None:
+            raise ConfigError(f"gpu: unknown GPU {name!r} (known: {', '.join(g.name for g in GPUS)})")
+        return gpu, ""
+    here = local_gpu()
+    gpu = here or find_gpu(REFERENCE_GPU)
+    if cfg.distributed.gpus_per_worker == 0:
+        return gpu, (f"this config trains on CPU (distributed.gpus_per_worker: 0): the figure is for {gpu.name} "
+                     "GPUs; --gpu names another")
+    if here is None:
+        return gpu, f"no GPU on this machine: the figure is for {gpu.name} GPUs; --gpu names another"
+    return gpu, ""
+
+
+def memory_advice(cfg: JobConfig, gpu: Gpu, gpu_bytes: float | None = None,
+                  sizes: list[tuple[int, int]] | None = None):
+    """The plan as one advice item (the API and the page show it with the guide's advice)."""
+    from fluxray.advise.rules import Advice
+
+    chosen, why = choose(cfg, gpu, gpu_bytes, sizes=sizes)
+    fits = chosen.fits(gpu_bytes or gpu.memory_gib * 2**30)
+    return Advice(id="memory.peak", severity="info" if fits else "warning", key="model.quantize",
+                  message=chosen.line(gpu, gpu_bytes), fix=why)
+
+
 # ---------------------------------------------------------------------------------------
 # Where the configs come from
 # ---------------------------------------------------------------------------------------
@@ -452,13 +499,3 @@ def model_configs(cfg: JobConfig) -> ModelConfigs:
         return ModelConfigs(dims, t5, clip, vae, found)
     assumed = " (assumed: the tiny model is not built yet)" if cfg.model.path == TINY_MODEL else " (assumed)"
     return ModelConfigs(dict(FLUX1_DEV), t5, clip, vae, "FLUX.1-dev" + assumed)
-
-
-def with_setting(cfg: JobConfig, setting: Setting) -> JobConfig:
-    """`cfg` with the chosen setting written in (the config the job then runs)."""
-    return cfg.model_copy(update={
-        "model": cfg.model.model_copy(update={"quantize": setting.quantize}),
-        "distributed": cfg.distributed.model_copy(update={"zero_stage": setting.zero_stage}),
-        "train": cfg.train.model_copy(update={"gradient_checkpointing": "on" if setting.checkpointing else "off"}),
-    })
-

@@ -4,7 +4,7 @@ int8 and fp8 go through diffusers' `TorchAoConfig` (torchao weight-only: one byt
 scale per row); NF4 through bitsandbytes' `Linear4bit` by hand, because diffusers' bitsandbytes path
 refuses to run without CUDA and this one is the same on CPU and GPU. Either way no bf16 copy of the
 whole transformer is ever on the GPU: each weight is quantized on the device as it arrives. Only the
-linears inside the 19 + 38 blocks (attention, MLP, AdaLN modulation: 99.5 % of FLUX.1-dev's
+linears inside the 19 + 38 blocks (attention, MLP, AdaLN modulation: 99.4 % of FLUX.1-dev's
 weights) are quantized; the embedders, the final norm and output projection, the norm scales and
 the LoRA stay in full precision, so the LoRA file is the same as on a bf16 base.
 """

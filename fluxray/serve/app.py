@@ -21,7 +21,9 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 
+from fluxray.advise.memory import memory_advice, target_gpu
 from fluxray.advise.rules import advise as advise_config
+from fluxray.advise.rules import dataset_facts
 from fluxray.config import JobConfig, load_config
 from fluxray.data.captions import TRIGGER_PLACEHOLDER
 from fluxray.data.prepare import PrepareError, read_prepared
@@ -96,6 +98,16 @@ def resolve_base_config(settings: ServiceConfig) -> JobConfig:
 # Request bodies
 # ---------------------------------------------------------------------------------------
 
+def _cluster_gpu_type() -> str | None:
+    """The GPU model Ray found on the cluster's nodes (its `accelerator_type:<name>` resource), if any."""
+    import ray
+
+    from fluxray.track.flops import find_gpu
+
+    types = [k.split(":", 1)[1] for k in ray.cluster_resources() if k.startswith("accelerator_type:")]
+    return next((t for t in types if find_gpu(t)), None)
+
+
 class JobRequest(BaseModel):
     """A training job: a dataset plus simple settings, or one whole YAML config (expert mode)."""
 
@@ -112,7 +124,7 @@ class JobRequest(BaseModel):
     config_yaml: str | None = Field(None, description="Expert mode: a whole job config; dataset, storage and run name are set by the service.")
 
     def job_config(self, base: JobConfig) -> JobConfig:
-        simple = self.model_dump(exclude={"dataset_id", "config_yaml"}, exclude_none=True)
+        simple = self.model_dump(exclude={"dataset_id", "config_yaml", "gpu"}, exclude_none=True)
         if self.config_yaml is not None and simple:
             raise ConfigError(f"give either simple settings or config_yaml, not both (got {', '.join(simple)})")
         return job_config(base, simple, self.config_yaml)
@@ -122,6 +134,7 @@ class AdviseRequest(JobRequest):
     """The settings of a job to be, with or without its dataset yet."""
 
     dataset_id: str | None = Field(None, description="From POST /v1/datasets; without it the advice cannot count images.")
+    gpu: str | None = Field(None, description="The card the memory plan is for (`RTX 4090`, `A100 40GB`, ...); default: the cluster's GPU type, else H100.")
 
 
 class GenerateRequest(BaseModel):
@@ -235,10 +248,12 @@ def make_api(base: JobConfig, settings: ServiceConfig, render: Render) -> FastAP
 
     @app.post("/v1/advise", tags=["jobs"])
     def advise(req: AdviseRequest) -> list[dict]:
-        """What the user's guide would change in these settings (never blocks a job)."""
+        """What the user's guide would change in these settings (never blocks a job), and the memory plan."""
         cfg = req.job_config(base)
         cfg.dataset.path = str(dataset_dir(root, req.dataset_id)) if req.dataset_id else None
-        return [a.model_dump() for a in advise_config(cfg)]
+        gpu, _ = target_gpu(cfg, req.gpu or _cluster_gpu_type())
+        memory = memory_advice(cfg, gpu, sizes=dataset_facts(cfg)[1])
+        return [a.model_dump() for a in [*advise_config(cfg), memory]]
 
     @app.get("/v1/jobs", tags=["jobs"])
     def list_jobs(request: Request) -> list[dict]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -214,6 +215,17 @@ def test_advise_names_the_guides_step_minimum(http, dataset):
     few = [a for a in r.json() if a["id"] == "steps.too_few"]
     assert few and few[0]["key"] == "train.steps" and few[0]["severity"] == "warning"
     assert not [a for a in http.post("/v1/advise", json={"steps": 1000}).json() if a["id"] == "steps.too_few"]
+
+
+def test_advise_shows_the_memory_plan_for_the_named_card(http):
+    r = http.post("/v1/advise", json={"gpu": "RTX 4090"})
+    assert r.status_code == 200, r.text
+    plan = [a for a in r.json() if a["id"] == "memory.peak"]
+    assert plan and re.fullmatch(r"peak GPU memory per worker: \d+\.\d GiB \(fits RTX 4090 24 GB\)",
+                                 plan[0]["message"]), plan
+    assert "ZeRO-0" in plan[0]["fix"]  # what auto took, with its numbers
+    r = http.post("/v1/advise", json={"gpu": "Z80"})
+    assert r.status_code == 422 and "unknown GPU 'Z80'" in r.json()["detail"]
 
 
 def test_job_succeeds_with_samples_for_every_sample_step(http, finished, job_id):

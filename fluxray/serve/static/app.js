@@ -112,7 +112,9 @@ async function advise() {
     const items = await (await api("v1/advise", {
       method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
     })).json();
-    $("advice").textContent = items.map((a) => `${a.severity}: ${a.message}\n    fix: ${a.fix}`).join("\n");
+    // The memory plan says what fluxray chose (its `fix` is the choice); the others what to change.
+    $("advice").textContent = items.map((a) => a.id === "memory.peak" ? `${a.message}\n    ${a.fix}`
+      : `${a.severity}: ${a.message}\n    fix: ${a.fix}`).join("\n");
     $("advice").hidden = !items.length;
   } catch (e) {
     $("advice").textContent = String(e.message || e);
