@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/run.py            # full run (CPU: ~10 min on 2 cores)
     .venv/bin/python benchmarks/run.py --quick    # CI's reduced mode: same code paths, few steps
-    .venv/bin/python benchmarks/run.py --only f   # on a GPU box: s/step and MFU of full-size FLUX.1-dev
+    .venv/bin/python benchmarks/run.py --only f   # on a GPU box: FLUX.1-dev's s/step, MFU and memory per base
 
 a. steady-state step time of fluxray's Ray + DeepSpeed worker vs a bare PyTorch loop (same model, batch)
 b. step time with and without the latent / text-embedding caches (tiny model)
@@ -10,7 +10,8 @@ c. transformer parameters held per worker under ZeRO 0 and ZeRO 3, 2 workers
 d. time from submission to the first step, for a job on a running cluster
 e. share of wall time spent sampling with the default sample config: inline in one process, and (not in
    --quick) on the preview actor of a Ray job, where it counts the loop's stops and the wait at the end
-f. GPU only: s/step and MFU at 512² and 1024², batch 1, full-size FLUX.1-dev transformer, random bf16 weights
+f. GPU only: s/step, MFU and peak memory at 512² and 1024², batch 1, full-size FLUX.1-dev transformer (random
+   weights) as a bf16, an int8 and an NF4 base, against the memory plan; needs no Ray and no DeepSpeed
 Results are printed as a table and written to --out (JSON). Nothing here asserts a speed.
 """
 
@@ -237,18 +238,33 @@ def bench_sampling_share(ctx) -> dict:
 
 
 def bench_gpu_mfu(ctx) -> dict:
-    """Full-size FLUX.1-dev transformer (random bf16 weights), LoRA rank 16, batch 1."""
+    """FLUX.1-dev-sized transformer, random bf16 weights, rank-16 LoRA, batch 1: s/step, MFU and peak memory for
+    a bf16, an int8 and an NF4 base at 512² and 1024² (gradient checkpointing off and on), against the memory plan."""
     import torch
 
-    from diffusers import FluxTransformer2DModel
+    from fluxray.track.flops import find_gpu
 
     if not torch.cuda.is_available():
         out = {"skipped": "no CUDA device"}
         if ctx.quick:  # CI: the same measurement code on the tiny transformer, so a GPU run finds it working
-            tiny = FluxTransformer2DModel.from_pretrained(ctx.tiny_model, subfolder="transformer")
-            out["cpu_dry_run"] = _lora_step_times(tiny, torch.device("cpu"), (64, 128), 4)
+            out["cpu_dry_run"] = _quantized_step_times(ctx.tiny_model, torch.device("cpu"), (64,), 4, None)
         return out
     dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(dev)
+    model = _random_flux_dev(ctx.root / "models" / "flux-dev-random", dev)
+    gpu_bytes = torch.cuda.get_device_properties(dev).total_memory
+    return {"gpu": name, "gpu_memory_gib": gpu_bytes / 2**30, "known_gpu": bool(find_gpu(name)),
+            **_quantized_step_times(model, dev, (512, 1024), ctx.gpu_steps, gpu_bytes)}
+
+
+def _random_flux_dev(folder: Path, dev) -> Path:
+    """A diffusers `transformer/` folder of FLUX.1-dev's config with random bf16 weights (23.8 GB on disk), so
+    every base goes through fluxray's own loader, quantizing as it loads."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    if (folder / "transformer" / "config.json").exists():
+        return folder
     # Built on the GPU in bf16: 11.9 B random weights take many minutes to initialise on a CPU, and
     # 48 GB in fp32 before the cast.
     default = torch.get_default_dtype()
@@ -258,11 +274,50 @@ def bench_gpu_mfu(ctx) -> dict:
             tr = FluxTransformer2DModel(guidance_embeds=True)  # the default config is FLUX.1-dev's
     finally:
         torch.set_default_dtype(default)
-    return {"gpu": torch.cuda.get_device_name(dev), **_lora_step_times(tr, dev, (512, 1024), ctx.gpu_steps)}
+    tr.to("cpu").save_pretrained(folder / "transformer", max_shard_size="5GB")
+    del tr
+    torch.cuda.empty_cache()
+    return folder
 
 
-def _lora_step_times(tr, dev, resolutions, steps: int) -> dict:
-    """Median s/step (after 3 warm-up steps) and MFU of a rank-16 LoRA step, batch 1, bf16, at each resolution."""
+def _quantized_step_times(model: Path, dev, resolutions, steps: int, gpu_bytes: int | None) -> dict:
+    """Each base (`fluxray.model.quantize` loads int8 and NF4) through `_lora_step_times`, skipping a setting
+    the memory plan says does not fit; the plan's peak beside each measured one."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from fluxray.advise.memory import Setting, model_configs, plan
+    from fluxray.config import load_config
+    from fluxray.model.quantize import load_transformer
+
+    out = {}
+    for quantize in ("none", "int8", "nf4"):
+        cfg = load_config(None, [f"model.path={model}", f"model.quantize={quantize}", "lora.rank=16",
+                                 "train.ema=false", "train.batch_size=1", "model.max_sequence_length=512"])
+        models = model_configs(cfg)
+        plans = {}
+        for res in resolutions:
+            for ckpt in (False, True):
+                sized = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"resolutions": [res]})})
+                plans[(res, ckpt)] = plan(sized, Setting(quantize, 0, ckpt), models)
+        if gpu_bytes and not any(p.fits(gpu_bytes) for p in plans.values()):
+            out[quantize] = {"skipped": "the plan says no setting fits this GPU"}
+            continue
+        if quantize == "none":
+            tr = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer", torch_dtype=torch.bfloat16)
+            tr = tr.to(dev)
+        else:
+            tr = load_transformer(str(model), quantize, torch.bfloat16, device=dev)
+        out[quantize] = _lora_step_times(tr, dev, plans, steps, gpu_bytes)
+        del tr
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def _lora_step_times(tr, dev, plans: dict, steps: int, gpu_bytes: int | None) -> dict:
+    """Median s/step (after 3 warm-up steps), MFU and peak allocated memory of a rank-16 LoRA step, batch 1, bf16
+    autocast over fp32 LoRA weights, at each (resolution, gradient checkpointing) the plans list."""
     import torch
 
     from fluxray.config import LoraConfig
@@ -271,14 +326,22 @@ def _lora_step_times(tr, dev, resolutions, steps: int) -> dict:
     from fluxray.train.flow import latent_image_ids
 
     cuda = dev.type == "cuda"
-    tr = tr.to(dev, torch.bfloat16)
     params = add_lora(tr, LoraConfig(rank=16))
     for p in params:
         p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=1e-4)
     peak = peak_flops(torch.cuda.get_device_name(dev)) if cuda else None
     cfg, text_tokens, out = tr.config, 512, {}
-    for res in resolutions:
+    tr.train()
+    for (res, ckpt), planned in plans.items():
+        key = f"{res}{'+ckpt' if ckpt else ''}"
+        if gpu_bytes and not planned.fits(gpu_bytes):
+            out[key] = {"skipped": f"planned {planned.peak / 2**30:.1f} GiB does not fit"}
+            continue
+        if ckpt:
+            tr.enable_gradient_checkpointing()
+        else:
+            tr.disable_gradient_checkpointing()
         n = (res // 16) ** 2
         x = torch.randn(1, n, cfg.in_channels, device=dev, dtype=torch.bfloat16)
         txt = torch.randn(1, text_tokens, cfg.joint_attention_dim, device=dev, dtype=torch.bfloat16)
@@ -287,6 +350,9 @@ def _lora_step_times(tr, dev, resolutions, steps: int) -> dict:
         tids = torch.zeros(text_tokens, 3, device=dev, dtype=torch.bfloat16)
         t = torch.tensor([0.5], device=dev, dtype=torch.bfloat16)
         g = torch.tensor([1.0], device=dev, dtype=torch.bfloat16)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(dev)
         times = []
         for _ in range(max(steps, 4)):
             if cuda:
@@ -303,9 +369,11 @@ def _lora_step_times(tr, dev, resolutions, steps: int) -> dict:
             times.append(time.perf_counter() - t0)
         s = statistics.median(times[3:])
         flops = lora_step_flops(cfg, res, res, text_tokens, 1)
-        out[f"{res}"] = {"s_per_step": s, "tflop_per_step": flops / 1e12,
-                         "mfu": flops / s / peak if peak else None,
-                         "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+        measured = torch.cuda.max_memory_allocated(dev) if cuda else None
+        out[key] = {"s_per_step": s, "tflop_per_step": flops / 1e12, "mfu": flops / s / peak if peak else None,
+                    "max_mem_gib": measured / 2**30 if cuda else None, "plan_gib": planned.steps / 2**30,
+                    "measured_over_plan": measured / planned.steps if cuda else None}
+        del x, txt, pooled, pred
     return out
 
 
@@ -321,8 +389,6 @@ def main() -> int:
     ap.add_argument("--address", help="use this running Ray cluster (GCS address) instead of starting one")
     ap.add_argument("--dashboard", help="with --address: its dashboard URL (for `ray job submit`)")
     args = ap.parse_args()
-
-    import ray
 
     from fluxray.data.prepare import prepare_dataset
     from fluxray.model.tiny import ensure_tiny_model
@@ -340,6 +406,8 @@ def main() -> int:
                "quick": args.quick}
     need_cluster = any(k in args.only for k in "acd") or ("e" in args.only and not args.quick)
     node = None
+    if need_cluster:  # (f) runs on a bare GPU box: no Ray there
+        import ray
     try:
         if need_cluster and args.address:
             ctx.address, ctx.dashboard = args.address, args.dashboard
@@ -358,7 +426,7 @@ def main() -> int:
             results[key]["bench_wall_s"] = time.time() - t
             print(f"[{key}] {json.dumps(results[key], default=str)}", flush=True)
     finally:
-        if ray.is_initialized():
+        if need_cluster and ray.is_initialized():
             ray.shutdown()
         if node is not None:
             node.stop()
