@@ -43,19 +43,23 @@ def resolve_model_path(cfg: JobConfig) -> str:
 
 
 def load_pipeline(path: str, dtype: torch.dtype = torch.float32, revision: str | None = None,
-                  device: torch.device | str = "cpu", text_encoders: bool = True, quantize: str = "none"):
+                  device: torch.device | str = "cpu", text_encoders: bool = True, quantize: str = "none",
+                  transformer=None):
     """`FluxPipeline.from_pretrained` with a clear error when the weights are not there.
 
     `text_encoders=False` skips CLIP and T5 (T5-XXL alone is 9.5 GB) for a job whose
     caption embeddings are cached; `attach_text_encoders` loads them if needed after all.
     `quantize` (`int8`, `fp8`, `nf4`) loads the transformer through `fluxray.model.quantize`,
-    quantized weight by weight on `device`, never whole in bf16 there.
+    quantized weight by weight on `device`, never whole in bf16 there. A `transformer` given (one
+    built partitioned for ZeRO-3) is used as it is.
     """
     from diffusers import FluxPipeline
 
     parts = {"text_encoder": None, "text_encoder_2": None} if not text_encoders else {}
     try:
-        if quantize != "none":
+        if transformer is not None:
+            parts["transformer"] = transformer
+        elif quantize != "none":
             from fluxray.model.quantize import load_transformer
 
             parts["transformer"] = load_transformer(path, quantize, dtype, revision, device)

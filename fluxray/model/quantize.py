@@ -83,6 +83,10 @@ def _swap_nf4(transformer: torch.nn.Module, dtype: torch.dtype) -> None:
             q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
                                          blocksize=NF4_BLOCKSIZE, module=q)
             q.bias = child.bias
+            # bitsandbytes repacks a CPU weight in place the first time an eval-mode forward reads it
+            # (for its AVX-512 kernel), and the repacked weight no longer fits the training forward
+            # or the byte count: a base that trains keeps one format.
+            q.support_avx512bf16_for_cpu = False
             setattr(parent, child_name, q)
 
 

@@ -1,7 +1,8 @@
 """DeepSpeed set-up for a LoRA: the ZeRO stage choice, the engine config, the LR schedule, and the
 LoRA's training state read from and written into the engine on any ZeRO stage.
 
-Pure functions decide (`choose_zero_stage`, `deepspeed_config`, `lr_factor`); `init_engine`
+Pure functions decide (`deepspeed_config`, `lr_factor`; the ZeRO stage `auto` takes is the memory
+plan's, `fluxray.advise.memory`); `init_engine`
 is the thin layer that hands the transformer and a torch AdamW to `deepspeed.initialize`, and
 `LoraEngine` reads and writes the LoRA's values and AdamW state wherever the ZeRO stage keeps them.
 """
@@ -11,39 +12,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from fluxray.config import JobConfig
-
-#: Fraction of a GPU's memory that the frozen base plus activations may fill under stage 0.
-_FIT_FRACTION = 0.85
-
-
-def choose_zero_stage(setting, *, base_params: int, bytes_per_param: int, gpu_memory: int | None,
-                      activation_bytes: int) -> tuple[int, str]:
-    """Stage and the reason: 0 (replicated, fastest) when the base fits each GPU, else 3."""
-    if setting != "auto":
-        return int(setting), f"distributed.zero_stage={setting} in the config"
-    if gpu_memory is None:
-        return 0, "no GPU: the base is replicated on each CPU worker (stage 0)"
-    need = base_params * bytes_per_param + activation_bytes
-    if need <= _FIT_FRACTION * gpu_memory:
-        return 0, (f"base {base_params * bytes_per_param / 2**30:.1f} GiB + activations "
-                   f"{activation_bytes / 2**30:.1f} GiB fit in {gpu_memory / 2**30:.0f} GiB: stage 0 (replicated, fastest)")
-    return 3, (f"base {base_params * bytes_per_param / 2**30:.1f} GiB + activations "
-               f"{activation_bytes / 2**30:.1f} GiB exceed {_FIT_FRACTION:.0%} of {gpu_memory / 2**30:.0f} GiB: "
-               "stage 3 shards the frozen base across workers")
-
-
-def activation_estimate(hidden: int, layers: int, tokens: int, batch: int, bytes_per: int,
-                        checkpointing: bool) -> int:
-    """Rough activation bytes of a transformer step: ~34·h per token per layer (Korthikanti et al.)."""
-    per_layer = 34 * hidden * tokens * batch * bytes_per // 2
-    return per_layer * (1 if checkpointing else layers)
-
 
 def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
     """Multiplier of the peak LR at optimizer step `step` (0-based)."""
@@ -59,8 +34,9 @@ def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
     raise ValueError(f"unknown lr_scheduler {schedule!r}")
 
 
-def deepspeed_config(cfg: JobConfig, world_size: int, stage: int, lora_numel: int = 0) -> dict:
-    """The DeepSpeed JSON config for this job; `lora_numel` is the largest LoRA tensor's size.
+def deepspeed_config(cfg: JobConfig, world_size: int, stage: int, lora_numel: int = 0, block_numel: int = 0) -> dict:
+    """The DeepSpeed JSON config for this job; `lora_numel` is the largest LoRA tensor's size,
+    `block_numel` the largest transformer block's.
 
     DeepSpeed's bf16 mode stays off: the LoRA trains in fp32 under a bf16 autocast forward
     (`fluxray.train.precision`), so the module's LoRA parameter is the value AdamW updates.
@@ -71,6 +47,12 @@ def deepspeed_config(cfg: JobConfig, world_size: int, stage: int, lora_numel: in
         # the step never gathers them; every larger frozen base weight is sharded.
         zero.update({"stage3_param_persistence_threshold": lora_numel, "contiguous_gradients": True,
                      "stage3_gather_16bit_weights_on_model_save": False})
+        if block_numel:
+            # Gathered weights live for about one block: DeepSpeed's defaults (50 M elements prefetched,
+            # 1 G kept live and for reuse) would keep a smaller model whole on every rank.
+            zero.update({"stage3_prefetch_bucket_size": min(50_000_000, block_numel // 2),
+                         "stage3_max_live_parameters": min(1_000_000_000, block_numel),
+                         "stage3_max_reuse_distance": min(1_000_000_000, block_numel)})
     return {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
@@ -106,6 +88,59 @@ def _skip_shm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def load_partitioned_transformer(path: str, dtype: torch.dtype, revision: str | None = None,
+                                 meter: "ParamMeter | None" = None) -> torch.nn.Module:
+    """The pipeline's `FluxTransformer2DModel`, never whole on any rank (ZeRO-3): built under
+    `deepspeed.zero.Init`, each parameter partitioned as its module is made, then filled tensor by
+    tensor from the safetensors files (rank 0 reads each, DeepSpeed scatters it); `meter` watches
+    it from then on and samples while each tensor is gathered. All ranks."""
+    if not torch.cuda.is_available():
+        _skip_shm_build()
+    import deepspeed
+    from diffusers import FluxTransformer2DModel
+    from safetensors import safe_open
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    folder = _transformer_folder(path, revision)
+    config = FluxTransformer2DModel.load_config(str(folder))
+    with deepspeed.zero.Init(config_dict_or_path={"train_micro_batch_size_per_gpu": 1,
+                                                  "zero_optimization": {"stage": 3}}, dtype=dtype):
+        transformer = FluxTransformer2DModel.from_config(config)
+    meter = meter or ParamMeter()
+    meter.attach(transformer)
+    params = dict(transformer.named_parameters())
+    filled = set()
+    first = torch.distributed.get_rank() == 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():
+                param = params[name]
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if first:
+                        param.data.copy_(f.get_tensor(name))
+                    meter.sample()
+                filled.add(name)
+    if filled != set(params):
+        raise FileNotFoundError(f"{folder}: no weights for {sorted(set(params) - filled)[:3]}")
+    transformer.requires_grad_(False)
+    return transformer
+
+
+def _transformer_folder(path: str, revision: str | None) -> Path:
+    local = Path(path) / "transformer"
+    if local.is_dir():
+        return local
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(path, revision=revision, allow_patterns=["transformer/*"])) / "transformer"
+
+
+def block_numel(transformer: torch.nn.Module) -> int:
+    """Elements of the transformer's largest block (whole, also when partitioned)."""
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    return max(sum(getattr(p, "ds_numel", p.numel()) for p in b.parameters()) for b in blocks)
+
+
 def init_engine(transformer: torch.nn.Module, lora_params: list[torch.nn.Parameter], names: list[str],
                 cfg: JobConfig, world_size: int, stage: int) -> "LoraEngine":
     """Wrap the transformer in a DeepSpeed engine with a torch AdamW on the (fp32) LoRA parameters,
@@ -121,7 +156,7 @@ def init_engine(transformer: torch.nn.Module, lora_params: list[torch.nn.Paramet
         optimizer, lambda s: lr_factor(s, cfg.train.steps, cfg.train.lr_scheduler, cfg.train.warmup_steps))
     engine, _, _, schedule = deepspeed.initialize(
         model=transformer, optimizer=optimizer, lr_scheduler=schedule,
-        config=deepspeed_config(cfg, world_size, stage, max(p.numel() for p in lora_params)))
+        config=deepspeed_config(cfg, world_size, stage, max(p.numel() for p in lora_params), block_numel(transformer)))
     if world_size == 1 and stage == 0:
         # Nothing to average in a world of one; DeepSpeed would still flatten every gradient
         # through a gloo all-reduce each step.
@@ -267,6 +302,64 @@ def partition_numel(module: torch.nn.Module) -> dict[str, int]:
         partition += p.ds_tensor.numel()
         persistent += p.ds_numel if p.ds_persist else 0
     return {"partition": partition, "persistent": persistent, "total": total}
+
+
+def held_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of these tensors this rank holds now: whole ones, and of a ZeRO-3 parameter its shard
+    plus its whole value while gathered (a quantized weight counts its codes and scales)."""
+    from fluxray.model.quantize import tensor_bytes
+
+    total = 0
+    for t in tensors:
+        total += tensor_bytes(t)
+        shard = getattr(t, "ds_tensor", None)
+        if shard is not None:
+            total += shard.numel() * shard.element_size()
+    return total
+
+
+@dataclass
+class ParamMeter:
+    """This rank's bytes of the base transformer's parameters, the peak of each phase of the job.
+
+    Sampled at each phase's start and end, while each tensor of a partitioned load is gathered, and
+    inside every module's forward while a phase is watched (its first step, validation, previews:
+    the later ones gather the same weights), after ZeRO-3 gathered that module's weights.
+    """
+
+    peaks: dict[str, int] = field(default_factory=dict)
+    #: The bytes of the whole model (every parameter and buffer at full size).
+    whole: int = 0
+    phase: str = "load"
+    watching: bool = False
+    _tensors: list[torch.Tensor] = field(default_factory=list)
+
+    def attach(self, module: torch.nn.Module) -> None:
+        """Meter `module`'s parameters and buffers as they are now (the base: a LoRA added later is not
+        counted) and watch its forwards (before DeepSpeed's hooks, which release the gathered weights)."""
+        for m in module.modules():
+            m.register_forward_hook(lambda *_: self.sample() if self.watching else None)
+        self._tensors = list({id(t): t for t in [*module.parameters(), *module.buffers()]}.values())
+        self.whole = sum(getattr(t, "ds_numel", t.numel()) * t.element_size() for t in self._tensors
+                         if getattr(t, "ds_tensor", None) is not None) + sum(
+            held_bytes([t]) for t in self._tensors if getattr(t, "ds_tensor", None) is None)
+
+    def sample(self) -> None:
+        held = held_bytes(self._tensors)
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), held)
+
+    @contextlib.contextmanager
+    def during(self, phase: str, watch: bool | None = None):
+        """The block is `phase`: its peak is recorded, inside forwards too when `watch` (by default
+        the phase's first block only)."""
+        before = self.phase, self.watching
+        self.phase, self.watching = phase, phase not in self.peaks if watch is None else watch
+        self.sample()
+        try:
+            yield
+        finally:
+            self.sample()
+            self.phase, self.watching = before
 
 
 def gathered(params: list[torch.nn.Parameter], stage: int, modifier_rank: int | None = None):

@@ -1,7 +1,8 @@
 """The training recipe: one rank's whole job, as named phases that run in order.
 
     setup_data    the prepared dataset, its aspect buckets, the validation set, the preview prompts
-    load_model    the base pipeline in `model.dtype`, without its text encoders
+    load_model    the memory plan's `auto` choices; the base pipeline in `model.dtype` (its block linears
+                  quantized as they load with `model.quantize`), without its text encoders
     fill_caches   latents and caption embeddings (each rank its share); then the encoders go
     setup_lora    the fp32 LoRA, gradient checkpointing, the ZeRO stage, the DeepSpeed engine, the EMA
     resume        LoRA, AdamW state, EMA, LR schedule, step and validation curve from a checkpoint
@@ -38,9 +39,10 @@ from fluxray.model.kohya import kohya_path, save_kohya
 from fluxray.model.lora import (add_lora, export_state_dict, lora_metadata, lora_named_params,
                                 restore_lora_scale, save_lora, set_lora_scale)
 from fluxray.model.pipeline import is_guidance_distilled, load_pipeline, resolve_device, resolve_model_path
+from fluxray.model.quantize import module_bytes
 from fluxray.track.flops import lora_step_flops, peak_flops
 from fluxray.train.checkpoint import capture_state, read_checkpoint, restore_state, saving, write_checkpoint
-from fluxray.train.engine import activation_estimate, choose_zero_stage, gathered, init_engine, partition_numel
+from fluxray.train.engine import ParamMeter, gathered, init_engine, load_partitioned_transformer, partition_numel
 from fluxray.train.flow import ema_decay_at, ema_update
 from fluxray.train.precision import resolve_precision
 from fluxray.train.preview import SimilarityLog, log_previews, unlogged_previews
@@ -160,6 +162,7 @@ class LoraRecipe:
         self.cache_seconds = self.sample_seconds = self.train_seconds = 0.0
         self.encoders_loaded = False
         self.judge: SubjectJudge | None = None
+        self.meter = ParamMeter()  # this rank's transformer parameter bytes, peak per phase
         torch.manual_seed(cfg.train.seed)
 
     def run(self) -> dict:
@@ -187,6 +190,7 @@ class LoraRecipe:
         for path in images:
             with Image.open(path) as im:  # header only
                 sizes.append(im.size)
+        self.image_sizes = sizes
         items = make_items(sizes, cfg.dataset.resolutions)
         check_fits(items, cfg.train.batch_size, self.world)
         self.data = TrainData(trigger=trigger, content_hash=dataset.info.content_hash, images=images,
@@ -198,13 +202,23 @@ class LoraRecipe:
         self.my_val = self.val[self.rank * self.val_per_rank:(self.rank + 1) * self.val_per_rank]
 
     def load_model(self) -> None:
-        """The base pipeline, its weights in `model.dtype` on this rank's device, without the text
-        encoders (a cached job never needs T5; `fill_caches` attaches them if a caption is missing),
-        and what the step needs to know of it (`spec`)."""
+        """The memory plan's `auto` choices (`choose_setting`), then the base pipeline, its weights in
+        `model.dtype` on this rank's device (the block linears quantized as they load when the setting
+        says so), without the text encoders (a cached job never needs T5; `fill_caches` attaches them
+        if a caption is missing), and what the step needs to know of it (`spec`)."""
         cfg = self.cfg
         self.model_path = resolve_model_path(cfg)
-        self.pipe = load_pipeline(self.model_path, self.precision.base, cfg.model.revision, self.device,
-                                  text_encoders=False)
+        self.choose_setting()
+        with self.meter.during("load", watch=False):
+            transformer = None
+            if self.setting.zero_stage == 3 and os.environ.get("FLUXRAY_ZERO3_LOAD") != "whole":
+                # Partitioned from the start: no rank ever holds the whole transformer.
+                transformer = load_partitioned_transformer(self.model_path, self.precision.base, cfg.model.revision,
+                                                           self.meter)
+            self.pipe = load_pipeline(self.model_path, self.precision.base, cfg.model.revision, self.device,
+                                      text_encoders=False, quantize=self.setting.quantize, transformer=transformer)
+            if transformer is None:  # `FLUXRAY_ZERO3_LOAD=whole`: the old load-then-partition path, the meter's control
+                self.meter.attach(self.pipe.transformer)
         vae = self.pipe.vae.config
         self.spec = StepSpec(
             shift_factor=vae.shift_factor or 0.0, scaling_factor=vae.scaling_factor,
@@ -213,9 +227,27 @@ class LoraRecipe:
             caption_dropout=cfg.dataset.caption_dropout, device=self.device, dtype=self.precision.base,
             autocast=self.precision.compute)
 
+    def choose_setting(self) -> None:
+        """Quantization, ZeRO stage and gradient checkpointing: what the config sets, and for each `auto`
+        the memory plan's pick for this rank's GPU (`fluxray.advise.memory.choose`: the fastest setting
+        that fits with headroom; on a CPU the fastest). Rank 0 logs it with its numbers."""
+        from fluxray.advise.memory import choose, local_gpu
+
+        gpu = local_gpu() if self.device.type == "cuda" else None
+        chosen, why = choose(self.cfg, gpu, sizes=self.image_sizes, workers=self.world)
+        self.setting = chosen.setting
+        self.memory_plan = {"setting": chosen.setting.describe(), "planned_peak_bytes": chosen.peak,
+                            "gpu": gpu.label if gpu else None, "why": why}
+        if self.is_main:
+            print(f"memory plan: {chosen.line(gpu)}; {why}", flush=True)
+
     def fill_caches(self) -> None:
         """Latents of every item and embeddings of every caption and prompt (each rank fills its share
         of what is missing); then the text encoders and the VAE encoder go: the step reads the caches."""
+        with self.meter.during("caches", watch=False):
+            self._fill_caches()
+
+    def _fill_caches(self) -> None:
         from fluxray.model import pipeline as pipeline_mod
 
         cfg, pipe, data, device = self.cfg, self.pipe, self.data, self.device
@@ -248,27 +280,22 @@ class LoraRecipe:
 
     def setup_lora(self) -> None:
         """The LoRA (fp32), gradient checkpointing, the ZeRO stage, the DeepSpeed engine and the EMA."""
-        cfg, device, precision = self.cfg, self.device, self.precision
+        with self.meter.during("engine", watch=False):
+            self._setup_lora()
+
+    def _setup_lora(self) -> None:
+        cfg, precision = self.cfg, self.precision
         transformer = self.pipe.transformer
-        compute_bytes = (precision.compute or torch.float32).itemsize
-        base_params = sum(p.numel() for p in transformer.parameters())
-        gpu_mem = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-        tokens = max(w * h for w, h in {it.size for it in self.data.items}) // 256 + cfg.model.max_sequence_length
-        hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-        layers = transformer.config.num_layers + transformer.config.num_single_layers
-        self.checkpointing = cfg.train.gradient_checkpointing == "on"
-        act = activation_estimate(hidden, layers, tokens, cfg.train.batch_size, compute_bytes, self.checkpointing)
-        if cfg.train.gradient_checkpointing == "auto" and gpu_mem is not None:
-            self.checkpointing = base_params * precision.base.itemsize + act > 0.85 * gpu_mem
-            act = activation_estimate(hidden, layers, tokens, cfg.train.batch_size, compute_bytes, self.checkpointing)
+        self.checkpointing = self.setting.checkpointing
         if self.checkpointing:
             transformer.enable_gradient_checkpointing()
-        stage, reason = choose_zero_stage(cfg.distributed.zero_stage, base_params=base_params,
-                                          bytes_per_param=precision.base.itemsize, gpu_memory=gpu_mem,
-                                          activation_bytes=act)
+        stage = self.setting.zero_stage
+        setting = cfg.distributed.zero_stage
+        reason = (f"distributed.zero_stage={setting} in the config" if setting != "auto"
+                  else f"the memory plan's pick ({self.memory_plan['why']})")
         if self.is_main:
             print(f"ZeRO stage {stage}: {reason}", flush=True)
-            print(f"precision: {precision.describe()}", flush=True)
+            print(f"precision: {precision.describe(self.setting.quantize)}", flush=True)
 
         params = add_lora(transformer, cfg.lora, seed=cfg.train.seed)
         for p in params:  # peft makes the LoRA in the base's dtype: it trains in fp32 (see precision)
@@ -306,6 +333,7 @@ class LoraRecipe:
             self.judge = SubjectJudge.for_job(cfg, self.data.images, self.data.prompts, self.data.trigger)
         if self.is_main and tracker:
             tracker.status(state="running", step=self.start, total=cfg.train.steps, zero_stage=self.lora.stage,
+                           memory_plan=self.memory_plan,
                            zero3_shards=self.shards, cache_seconds=self.cache_seconds,
                            cache=self.caches.stats.__dict__)
         if self.start == 0:
@@ -321,7 +349,8 @@ class LoraRecipe:
         last_status = 0.0
         for step in range(self.start, cfg.train.steps):
             t = time.time()
-            loss, flops = self.train_step(step)
+            with self.meter.during("steps"):
+                loss, flops = self.train_step(step)
             self.done = step + 1
             _maybe_crash_for_test(self.done, self.rank, self.paths.run_dir)
             self.last_loss = _all_reduce_sum([loss], self.world)[0] / self.world
@@ -371,7 +400,8 @@ class LoraRecipe:
                    "sample_seconds": self.sample_seconds, "preview_render_seconds": rendered["render_seconds"],
                    "preview_wait_seconds": preview_wait, "previews_skipped": rendered["skipped"],
                    "train_seconds": self.train_seconds, "cache": self.caches.stats.__dict__,
-                   "encoders_loaded": self.encoders_loaded}
+                   "encoders_loaded": self.encoders_loaded, "memory_plan": self.memory_plan,
+                   "base_bytes": module_bytes(self.lora.module), "param_bytes": self.param_bytes()}
         if not self.is_main:
             return summary
         final_path = paths.final_lora
@@ -389,6 +419,17 @@ class LoraRecipe:
         print(f"LoRA written to {final_path}", flush=True)
         print(self.watch.result.message, flush=True)  # "likely converged at step N; best checkpoint: ..."
         return summary
+
+    def param_bytes(self) -> dict:
+        """Each rank's peak transformer parameter bytes per phase, as fractions of the whole model
+        (`fractions`, one dict a rank) and in bytes (`whole`, `peaks`). All ranks."""
+        peaks = [self.meter.peaks]
+        if self.world > 1:
+            peaks = [None] * self.world
+            torch.distributed.all_gather_object(peaks, self.meter.peaks)
+        whole = self.meter.whole
+        return {"whole": whole, "peaks": peaks,
+                "fractions": [{k: v / whole for k, v in p.items()} for p in peaks] if whole else []}
 
     # -- what the step loop does --------------------------------------------------------
 
@@ -433,7 +474,7 @@ class LoraRecipe:
         the plateau and the best checkpoint judge the files a user keeps, not the live weights."""
         lora = self.lora
         lora.engine.eval()
-        with _holding(lora.params, lora.ema, lora.stage):
+        with self.meter.during("validation"), _holding(lora.params, lora.ema, lora.stage):
             s = validation_loss_sum(lora.engine, self.my_val, self.caches.latents, self.caches.texts, self.spec)
             # Under ZeRO-3 every rank must run the same number of forwards: pad with repeats.
             if lora.stage == 3 and len(self.my_val) < self.val_per_rank:
@@ -474,6 +515,10 @@ class LoraRecipe:
     def save(self, step: int) -> dict[str, torch.Tensor]:
         """The step's LoRA file and a checkpoint (rank 0 writes both), then one report; returns the
         file's tensors."""
+        with self.meter.during("save", watch=False):
+            return self._save(step)
+
+    def _save(self, step: int) -> dict[str, torch.Tensor]:
         tensors = self.file_tensors()
         root = self.cfg.storage_root
         with saving(self.paths.step_lora(step), root, step):
@@ -493,8 +538,9 @@ class LoraRecipe:
         t = time.time()
         if not self.ctx.preview_actor:
             lora = self.lora
-            shown = sample_previews(self.pipe, lora.module, lora.params, tensors, lora.names, self.data.prompts,
-                                    self.caches.texts, self.rank, self.world, lora.stage, step, self.tracker)
+            with self.meter.during("previews"):
+                shown = sample_previews(self.pipe, lora.module, lora.params, tensors, lora.names, self.data.prompts,
+                                        self.caches.texts, self.rank, self.world, lora.stage, step, self.tracker)
             if self.judge is not None:
                 self.similarity.add([(step, self.judge.score(shown))])
             lora.engine.train()

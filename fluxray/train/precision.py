@@ -1,6 +1,7 @@
 """The one precision design of a training job: what is held and computed in which dtype.
 
-- The frozen base transformer is held in `model.dtype` (bf16 on a GPU: half the memory).
+- The frozen base transformer is held in `model.dtype` (bf16 on a GPU: half the memory), its block
+  linears in int8, fp8 or NF4 with `model.quantize` (dequantized to `model.dtype` in each matmul).
 - The LoRA weights, their gradients, the AdamW moments and the EMA are fp32, always: the module's
   LoRA parameter is the very value AdamW updates, and the EMA, the checkpoint and the exported
   file read it, so an update of 1e-5 is never rounded away (bf16 keeps ~3 significant digits).
@@ -38,9 +39,10 @@ class Precision:
     #: The LoRA weights, gradients, AdamW moments and EMA.
     trainable = torch.float32
 
-    def describe(self) -> str:
+    def describe(self, quantize: str = "none") -> str:
         compute = "fp32" if self.compute is None else f"{_name(self.compute)} autocast"
-        return f"base weights {_name(self.base)}, LoRA + AdamW state + EMA fp32, forward in {compute}"
+        blocks = f" (block linears {quantize})" if quantize != "none" else ""
+        return f"base weights {_name(self.base)}{blocks}, LoRA + AdamW state + EMA fp32, forward in {compute}"
 
 
 def resolve_precision(cfg: JobConfig, device: torch.device) -> Precision:

@@ -1,7 +1,7 @@
 """Ray Train + DeepSpeed on 2 real CPU workers: ZeRO 0, 2 and 3 learn the same LoRA, ZeRO-3
 shards the transformer, a killed worker resumes from the last checkpoint, a 2-worker checkpoint
 resumes on 1 worker at any ZeRO stage keeping what it learned, the bf16 path trains a non-square
-set with gradient checkpointing, and `ray job submit` runs (and resumes) a job."""
+set with gradient checkpointing, an int8 base trains at ZeRO-2, and `ray job submit` runs (and resumes) a job."""
 
 import json
 import subprocess
@@ -360,3 +360,60 @@ def test_a_local_run_goes_on_on_2_ray_workers(fits, tiny_config, ray_driver):
     # AdamW went on counting from the local run's 2 updates.
     assert {float(t) for t in local.adam["adam_step"].values()} == {2.0}
     assert {float(t) for t in on_ray.adam["adam_step"].values()} == {4.0}
+
+
+def test_an_int8_base_trains_on_2_workers_at_zero2_and_its_lora_works_on_the_plain_model(fits, tiny_config, ray_driver,
+                                                                                         tiny_model):
+    """The quantized base through `deepspeed.initialize` on 2 ranks (int8, fp8 and nf4 go through the same
+    load and engine path on 1 worker in tests/train/test_loop.py): the workers' block linears stay int8 at
+    the plan's bytes, the validation loss falls, and the file changes a plain FluxPipeline's image."""
+    from fluxray.advise.memory import base_bytes
+
+    summary = _fit(fits, tiny_config, "int8-zero2", "model.quantize=int8", "model.dtype=bf16", "distributed.zero_stage=2",
+                   "train.steps=30", "train.lr=3e-2", "save.every=30", "validation.every=30", "train.ema=false")
+    assert summary["steps"] == 30 and summary["zero_stage"] == 2
+    dims = json.loads((tiny_model / "transformer" / "config.json").read_text())
+    lora = _lora(fits, "int8-zero2")
+    # The workers' base: int8 blocks, the rest bf16, plus the fp32 LoRA the plan does not count as base.
+    assert summary["base_bytes"]["int8"] > 0
+    assert sum(summary["base_bytes"].values()) == base_bytes(dims, "int8") + sum(4 * t.numel() for t in lora.values())
+    assert summary["memory_plan"]["setting"] == "int8 base, ZeRO-2, gradient checkpointing off"
+    val = [m["val_loss"] for m in read_metrics(fits["root"] / "runs" / "int8-zero2") if "val_loss" in m]
+    assert val[-1] < 0.9 * val[0], val
+
+    plain = FluxPipeline.from_pretrained(str(tiny_model), torch_dtype=torch.bfloat16)
+    embeds = encode_prompt(plain, "pxco, portrait", max_sequence_length=32)
+    kw = dict(seed=3, width=64, height=64, steps=2, guidance=3.5)
+    image = np.asarray(generate(plain, embeds, **kw))
+    plain.load_lora_weights(str(fits["root"] / "loras" / "int8-zero2.safetensors"), adapter_name="q")
+    assert not np.array_equal(np.asarray(generate(plain, embeds, **kw)), image)
+
+
+@pytest.fixture(scope="module")
+def mid_model(fits):
+    """A mid-size FLUX pipeline: 1 + 24 blocks of hidden 64, so that no block is much of the model (< 9 %)."""
+    from fluxray.model.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(fits["root"] / "models" / "mid-flux", double_blocks=1, single_blocks=24, heads=4)
+
+
+PHASES = ["load", "caches", "engine", "steps", "validation", "previews", "save"]
+
+
+@pytest.mark.parametrize("load", ["partitioned", "whole"])
+def test_zero3_never_holds_the_whole_transformer_on_a_rank(load, fits, tiny_config, ray_driver, mid_model):
+    """Each rank's transformer parameter bytes, metered from the load on, peak at about half the model
+    in every phase; the old path (`FLUXRAY_ZERO3_LOAD=whole`: load, then DeepSpeed partitions) is the
+    control and reads the whole model at the load."""
+    summary = _fit(fits, tiny_config, f"mid-zero3-{load}", f"model.path={mid_model}", "distributed.zero_stage=3",
+                   "train.steps=2", "save.every=2", "validation.every=2", "sample.every=2", "sample.mode=inline",
+                   "sample.steps=2", "train.ema=false",
+                   env={"FLUXRAY_ZERO3_LOAD": "whole"} if load == "whole" else None)
+    fractions = summary["param_bytes"]["fractions"]
+    assert len(fractions) == 2 and all(sorted(f) == sorted(PHASES) for f in fractions), fractions
+    worst = max(max(f.values()) for f in fractions)
+    if load == "partitioned":
+        assert worst <= 0.6, fractions
+    else:
+        assert all(f["load"] >= 0.99 for f in fractions) and worst >= 0.99, fractions
+    assert summary["steps"] == 2 and summary["zero_stage"] == 3

@@ -382,3 +382,50 @@ def test_the_logged_grad_norm_is_the_norm_of_the_first_steps_gradients(tiny_conf
     training_loss(tr, batch, captions, r.caches.latents, r.caches.texts, r.spec, gen).backward()
     expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
     assert rows[0]["grad_norm"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8", "nf4"])
+def test_the_recipe_trains_on_a_quantized_base_and_its_lora_works_on_the_plain_model(kind, tiny_config, tiny_model,
+                                                                                     capsys):
+    """load_model quantizes the block linears as they load; under the DeepSpeed engine they keep their
+    type and bytes, the precision design holds (fp32 LoRA and AdamW, bf16 autocast, the rest of the base
+    bf16), the fixed-noise validation loss falls, and the file changes a plain FluxPipeline's image."""
+    import numpy as np
+
+    from fluxray.advise.memory import base_bytes
+    from fluxray.model.generate import generate
+    from fluxray.model.pipeline import load_pipeline
+    from fluxray.model.quantize import module_bytes, quantized_kind
+
+    cfg = tiny_config(f"model.quantize={kind}", "model.dtype=bf16", "distributed.workers=1", "train.steps=30",
+                      "train.lr=3e-2", "validation.every=30", "save.every=30", "sample.every=0", "train.ema=false")
+    r = _recipe(cfg, "resume")
+    tr = r.lora.module
+    dims = dict(tr.config)
+    blocks = [m for n, m in tr.named_modules() if n.startswith(("transformer_blocks.", "single_transformer_blocks."))
+              and hasattr(m, "base_layer")]
+    assert blocks and all(quantized_kind(m.base_layer.weight) == kind for m in blocks)
+    lora_ids = {id(p) for p in r.lora.params}
+    assert module_bytes(tr)[kind] + sum(4 * p.numel() for p in r.lora.params) + sum(
+        2 * p.numel() for p in tr.parameters() if id(p) not in lora_ids) == base_bytes(dims, kind) + sum(
+        4 * p.numel() for p in r.lora.params)  # the plan's bytes: quantized blocks, the rest bf16
+    assert {p.dtype for p in tr.parameters() if id(p) not in lora_ids} == {torch.bfloat16}
+    assert {(p.dtype, p.requires_grad) for p in r.lora.params} == {(torch.float32, True)}
+    assert r.spec.autocast == torch.bfloat16 and not r.lora.engine.bfloat16_enabled()
+    out = capsys.readouterr().out
+    assert f"precision: base weights bf16 (block linears {kind}), LoRA + AdamW state + EMA fp32" in out
+    assert "memory plan: peak GPU memory per worker: " in out and f"{kind} base, ZeRO-0" in out
+
+    before = r.validate(0)
+    r.train()
+    summary = r.finish()
+    assert r.validate(r.done) < 0.9 * before
+    assert summary["base_bytes"][kind] == module_bytes(tr)[kind]  # the base is what it was
+    assert summary["memory_plan"]["setting"].startswith(f"{kind} base")
+
+    plain = load_pipeline(str(tiny_model), torch.bfloat16)
+    embeds = r.caches.texts[r.data.captions[0]]
+    kw = dict(seed=3, width=64, height=64, steps=2, guidance=3.5)
+    image = np.asarray(generate(plain, embeds, **kw))
+    plain.load_lora_weights(summary["lora"], adapter_name="q")
+    assert not np.array_equal(np.asarray(generate(plain, embeds, **kw)), image)
