@@ -369,8 +369,9 @@ def test_an_int8_base_trains_on_2_workers_at_zero2_and_its_lora_works_on_the_pla
     the plan's bytes, the validation loss falls, and the file changes a plain FluxPipeline's image."""
     from fluxray.advise.memory import base_bytes
 
-    summary = _fit(fits, tiny_config, "int8-zero2", "model.quantize=int8", "model.dtype=bf16", "distributed.zero_stage=2",
-                   "train.steps=30", "train.lr=3e-2", "save.every=30", "validation.every=30", "train.ema=false")
+    summary = _fit(fits, tiny_config, "int8-zero2", "model.quantize=int8", "model.dtype=bf16",
+                   "distributed.zero_stage=2", "train.steps=30", "train.lr=3e-2", "save.every=30",
+                   "validation.every=30", "train.ema=false")
     assert summary["steps"] == 30 and summary["zero_stage"] == 2
     dims = json.loads((tiny_model / "transformer" / "config.json").read_text())
     lora = _lora(fits, "int8-zero2")
