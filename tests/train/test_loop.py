@@ -396,10 +396,11 @@ def test_the_recipe_trains_on_a_quantized_base_and_its_lora_works_on_the_plain_m
     from fluxray.model.generate import generate
     from fluxray.model.pipeline import load_pipeline
     from fluxray.model.quantize import module_bytes, quantized_kind
+    from fluxray.train.loop import WorkerContext
 
     cfg = tiny_config(f"model.quantize={kind}", "model.dtype=bf16", "distributed.workers=1", "train.steps=30",
                       "train.lr=3e-2", "validation.every=30", "save.every=30", "sample.every=0", "train.ema=false")
-    r = _recipe(cfg, "resume")
+    r = _recipe(cfg, "resume", WorkerContext(checkpoint_dir=lambda step: cfg.storage_root / "checkpoints" / str(step)))
     tr = r.lora.module
     dims = dict(tr.config)
     blocks = [m for n, m in tr.named_modules() if n.startswith(("transformer_blocks.", "single_transformer_blocks."))
