@@ -36,6 +36,12 @@ QUIET_ENV = {
 #: Loggers that speak at WARNING about nothing a user can change ("Setting accelerator to CPU").
 _ERRORS_ONLY = ("DeepSpeed",)
 
+#: Libraries that warn when imported (peft imports the quantization libraries it finds) about
+#: kernels a CPU or this GPU does not use: torchao's "Failed to load ... _C_mxfp8", "Detected no
+#: triton"; bitsandbytes' "Failed to load CPU gemm_4bit_forward"; torch's pytree notice on torchao's
+#: enums. A missing kernel that matters fails the quantized job with its own error.
+_IMPORT_NOTICES = ("torchao", "bitsandbytes", "torch.utils._pytree")
+
 
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "0") not in ("", "0")
@@ -87,7 +93,7 @@ def _quiet(models: bool) -> None:
         if not any(isinstance(f, _ErrorsOnly) for f in logger.filters):
             logger.addFilter(_ErrorsOnly())
     # A library imported before this call read its level already.
-    for name in ("transformers", "diffusers"):
+    for name in ("transformers", "diffusers", *_IMPORT_NOTICES):
         logging.getLogger(name).setLevel(logging.ERROR)
     if models or "diffusers" in sys.modules:
         # "Loading pipeline components..." is diffusers' own tqdm switch, not an environment variable.

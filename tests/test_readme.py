@@ -36,7 +36,8 @@ RAY_PREFIX = re.compile(r"^\(\w+ pid=\d+(?:, ip=[\d.]+)?\) ?")
 FLUXRAY_LINE = re.compile(
     r"Prepared \d+ images|  (from|to) +/|  content hash |\d+ note\(s\) and problem\(s\):|advice( \(\d+\))?:|"
     r"  (info|warning|error) +\S|  +fix: |run \S+: \d+ steps |previews: |ZeRO stage |precision: |step \d+/\d+ loss |"
-    r"LoRA written to |likely converged|still improving|no improvement|done: \d+ steps|"
+    r"LoRA written to |likely converged|still improving|no improvement|done: \d+ steps|admitted: |"
+    r"rank \d+/\d+ on node |memory plan: |"
     r"  (LoRA file|previews|MLflow|web page) |(INFO|WARNING|ERROR) fluxray")
 
 

@@ -126,6 +126,9 @@ def _worker_main(config: dict) -> None:
     from ray.train import Checkpoint
 
     from fluxray.logs import setup_worker
+
+    # Before the model libraries are imported: some speak when first imported (torchao, bitsandbytes).
+    setup_worker()
     from fluxray.train.admission import mark_running
     from fluxray.train.checkpoint import checkpoint_step, latest_checkpoint
     from fluxray.train.job import run_dir
@@ -133,7 +136,6 @@ def _worker_main(config: dict) -> None:
     from fluxray.train.preview import start_renderer
     from fluxray.track import make_tracker
 
-    setup_worker()
     cfg = JobConfig.model_validate(config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

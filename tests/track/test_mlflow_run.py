@@ -181,7 +181,11 @@ def test_stopping_fluxray_mlflow_stops_its_server_and_frees_the_port(free_port, 
             time.sleep(0.2)
         assert not server & set().union(*_children().values()), "a child of fluxray mlflow outlived it"
         with socket.socket() as s:
-            s.bind(("127.0.0.1", port))  # the port is free again
+            # Free for a new server, as uvicorn binds (SO_REUSEADDR): the /health probe's closed
+            # connection may sit in TIME_WAIT, which only a listener would conflict with.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen()
     finally:
         if proc.poll() is None:
             proc.kill()
