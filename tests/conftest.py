@@ -130,3 +130,16 @@ def pytest_unconfigure(config):
     import faulthandler
 
     faulthandler.dump_traceback_later(120, exit=True)
+
+
+@pytest.fixture(autouse=True)
+def one_job_per_process():
+    """DeepSpeed's `zero.Init` swaps `torch.nn.functional.linear` for its ZeRO-3 linear for the
+    rest of the process ("This will persist unless manually reset"). A job's worker is a process of
+    its own; tests share one, so the next test gets torch's linear back (a quantized base's
+    weights have no ZeRO-3 linear)."""
+    import torch.nn.functional as F
+
+    linear = F.linear
+    yield
+    F.linear = linear
