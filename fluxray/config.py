@@ -226,7 +226,7 @@ class DistributedConfig(_Section):
     workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a GPU cluster).")
     gpus_per_worker: Union[float, Literal["auto"]] = Field("auto", description="GPUs per worker; `auto` is 1 when the Ray cluster has GPUs, else 0 (CPU).")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
-    zero_stage: Union[Literal["auto"], Literal[0, 2, 3]] = Field("auto", description="DeepSpeed ZeRO stage: 0 replicated, 2 sharded optimizer+grads, 3 sharded base too; `auto` picks 0 when the base fits.")
+    zero_stage: Union[Literal["auto"], Literal[0, 2, 3]] = Field("auto", description="DeepSpeed ZeRO stage: 0 replicated, 2 sharded optimizer+grads, 3 sharded base too; `auto`: the memory plan's fastest setting that fits each GPU (docs/memory.md).")
     max_failures: int = Field(2, ge=0, description="Worker failures survived by resuming from the last checkpoint.")
     resources_per_worker: dict[str, float] = Field({}, description="Other Ray resources each worker needs, e.g. a custom accelerator resource `{accel: 1}` that generation asks for too.")
     placement: Literal["pack", "spread"] = Field("pack", description="Where Ray puts the workers: `pack` fills a node first, `spread` one per node as far as it can.")
