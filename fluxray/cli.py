@@ -126,7 +126,7 @@ def _cmd_queue(args) -> int:
 
     import ray
 
-    from fluxray.train.admission import format_queue, queue_snapshot
+    from fluxray.cluster.admission import format_queue, queue_snapshot
 
     ray.init(address=args.address, configure_logging=False, log_to_driver=False)
     print(format_queue(queue_snapshot(), time.time()))

@@ -328,7 +328,7 @@ def generation_blocked(need: dict[str, float], jobs: list[dict], replicas: int,
     generation work keeps a replica busy (it is let go after `generation_idle_s`). With no replica
     up, one that does not fit the free resources would hold the request until training ends.
     """
-    from fluxray.train.admission import fmt, pack, seconds_left
+    from fluxray.cluster.admission import fmt, pack, seconds_left
 
     def overlap(job: dict) -> dict[str, float]:
         return {k: v for k, v in need.items() if k in job["demand"]}
@@ -406,7 +406,7 @@ class Api:
 
     def _generation_state(self) -> tuple[list[dict], int, list[dict[str, float]]]:
         from fluxray.cluster import node_free
-        from fluxray.train.admission import queue_snapshot
+        from fluxray.cluster.admission import queue_snapshot
 
         app = serve.get_replica_context().app_name
         replicas = serve.status().applications[app].deployments["Generator"].replica_states.get("RUNNING", 0)

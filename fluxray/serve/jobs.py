@@ -137,7 +137,7 @@ class JobService:
         import ray
 
         if self.ray_address is None and ray.is_initialized():  # the cluster this replica runs on
-            from fluxray.train.admission import check_admissible
+            from fluxray.cluster.admission import check_admissible
 
             check_admissible(cfg)
 
@@ -277,7 +277,7 @@ class JobService:
         """Status, progress, ETA and loss (and with `detail`: loss history, samples, LoRAs, MLflow).
 
         A job whose driver runs but has not started its workers is `PENDING`, with the reason
-        and its place in the cluster's queue (`fluxray.train.admission`), never `RUNNING`.
+        and its place in the cluster's queue (`fluxray.cluster.admission`), never `RUNNING`.
         """
         from fluxray.serve.loras import step_lora_ids
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fluxray.errors import FluxrayError
 from fluxray.model.lora import read_lora_metadata
-from fluxray.train.loop import RunPaths
+from fluxray.track.local import RunPaths
 
 # Run names are plain file names (`save.name`); this also keeps ids out of other folders.
 _ID = re.compile(r"^(?P<run>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})(?:@(?P<step>\d{1,9}))?$")

@@ -9,10 +9,31 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 #: A preview file's name: `step000050-sample_0.png`, `step000050-grid.png`.
 SAMPLE_FILE = re.compile(r"^step(\d{6,})-([A-Za-z0-9_]+)\.png$")
+
+
+@dataclass
+class RunPaths:
+    """Where a run's files live under the storage root: the trainer writes them, the service and the
+    tests read them (so the layout is here, below both)."""
+
+    root: Path
+    name: str
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "runs" / self.name
+
+    @property
+    def final_lora(self) -> Path:
+        return self.root / "loras" / f"{self.name}.safetensors"
+
+    def step_lora(self, step: int) -> Path:
+        return self.run_dir / "loras" / f"{self.name}-step{step:06d}.safetensors"
 
 
 class RunRecord:

@@ -121,7 +121,7 @@ def run_job(cfg: JobConfig, local: bool = False, resume: bool = False) -> dict:
     cfg = resolve_job(cfg)
     demand = None
     if not local:  # a job the cluster can never schedule is refused before anything is recorded
-        from fluxray.train.admission import check_admissible
+        from fluxray.cluster.admission import check_admissible
         from fluxray.train.ray_trainer import connect
 
         connect()
@@ -136,7 +136,7 @@ def run_job(cfg: JobConfig, local: bool = False, resume: bool = False) -> dict:
     ticket = None
     if not local:  # PENDING, saying why, until it is first in the cluster's queue and its resources are free
         from fluxray.track.local import RunRecord
-        from fluxray.train.admission import wait_for_turn
+        from fluxray.cluster.admission import wait_for_turn
 
         ticket = wait_for_turn(cfg, demand, submitted, RunRecord(run_dir(cfg)))
     run_id = start_job_run(cfg)

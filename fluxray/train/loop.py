@@ -41,6 +41,7 @@ from fluxray.model.lora import (add_lora, export_state_dict, lora_metadata, lora
 from fluxray.model.pipeline import is_guidance_distilled, load_pipeline, resolve_device, resolve_model_path
 from fluxray.model.quantize import module_bytes
 from fluxray.track.flops import lora_step_flops, peak_flops
+from fluxray.track.local import RunPaths
 from fluxray.train.checkpoint import capture_state, read_checkpoint, restore_state, saving, write_checkpoint
 from fluxray.train.engine import ParamMeter, gathered, init_engine, load_partitioned_transformer, partition_numel
 from fluxray.train.flow import ema_decay_at, ema_update
@@ -64,25 +65,6 @@ class WorkerContext:
     preview_actor: bool = False
     #: Rank 0's handle on that actor; the Ray worker entry creates it and kills it.
     preview_renderer: Any = None
-
-
-@dataclass
-class RunPaths:
-    """Everything a run writes, under the storage root."""
-
-    root: Path
-    name: str
-
-    @property
-    def run_dir(self) -> Path:
-        return self.root / "runs" / self.name
-
-    @property
-    def final_lora(self) -> Path:
-        return self.root / "loras" / f"{self.name}.safetensors"
-
-    def step_lora(self, step: int) -> Path:
-        return self.run_dir / "loras" / f"{self.name}-step{step:06d}.safetensors"
 
 
 @dataclass

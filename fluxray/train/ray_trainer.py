@@ -50,7 +50,7 @@ def connect() -> None:
 def run_ray(cfg: JobConfig, run_id: str | None, queue_key: str | None = None) -> dict:
     """Fit the job on `distributed.workers` Ray Train workers; returns rank 0's summary.
 
-    Called once the job is admitted (`fluxray.train.admission`): its resources were free, so
+    Called once the job is admitted (`fluxray.cluster.admission`): its resources were free, so
     workers that still do not start within `distributed.start_timeout_s` fail the job at once
     with the reason, instead of Ray Train retrying in silence.
     """
@@ -59,7 +59,7 @@ def run_ray(cfg: JobConfig, run_id: str | None, queue_key: str | None = None) ->
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from fluxray.logs import ray_train_log_level
-    from fluxray.train.admission import worker_resources
+    from fluxray.cluster.admission import worker_resources
     from fluxray.train.preview import use_preview_actor
 
     connect()
@@ -95,7 +95,7 @@ def run_ray(cfg: JobConfig, run_id: str | None, queue_key: str | None = None) ->
         if "WorkerGroupStartupTimeoutError" in _causes(e):
             from fluxray.cluster import node_free
             from fluxray.errors import FluxrayError
-            from fluxray.train.admission import job_demand, queue_snapshot, waiting_for
+            from fluxray.cluster.admission import job_demand, queue_snapshot, waiting_for
 
             others = [q for q in queue_snapshot() if q["key"] != queue_key and q["state"] != "queued"]
             why = waiting_for(job_demand(cfg, gpus), node_free(), others)
@@ -129,7 +129,7 @@ def _worker_main(config: dict) -> None:
 
     # Before the model libraries are imported: some speak when first imported (torchao, bitsandbytes).
     setup_worker()
-    from fluxray.train.admission import mark_running
+    from fluxray.cluster.admission import mark_running
     from fluxray.train.checkpoint import checkpoint_step, latest_checkpoint
     from fluxray.train.job import run_dir
     from fluxray.train.loop import WorkerContext, train_worker

@@ -8,7 +8,7 @@ import torch
 from fluxray.errors import FluxrayError
 from fluxray.model.lora import lora_metadata, save_lora
 from fluxray.serve.loras import LoraNotFound, list_loras, lora_path, step_lora_ids
-from fluxray.train.loop import RunPaths
+from fluxray.track.local import RunPaths
 
 
 def write_lora(path, name="pxco-1", steps=20):

@@ -14,7 +14,7 @@ from fluxray.model.lora import set_lora_scale
 from fluxray.track.local import read_metrics
 from fluxray.track.mlflow_run import find_run, tracking_uri
 from fluxray.train.job import run_job
-from fluxray.train.loop import RunPaths
+from fluxray.track.local import RunPaths
 from fluxray.track.tracker import Tracker
 from fluxray.train.preview import (PreviewQueue, PreviewRenderer, SimilarityLog, unlogged_previews,
                                     use_preview_actor)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fluxray.config import load_config
 from fluxray.errors import ConfigError
-from fluxray.train.admission import (JOIN_GRACE_S, Demand, JobQueue, check_admissible, job_demand, ordinal, pack,
+from fluxray.cluster.admission import (JOIN_GRACE_S, Demand, JobQueue, check_admissible, job_demand, ordinal, pack,
                                      submitted_before, unschedulable)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,7 +95,7 @@ def entry(key: str, submitted: float) -> dict:
 
 
 def test_the_queue_orders_by_submission_and_frees_the_place_of_a_driver_gone_quiet(monkeypatch):
-    import fluxray.train.admission as admission
+    import fluxray.cluster.admission as admission
 
     q = JobQueue()
     q.join(entry("b", 2.0))
@@ -141,7 +141,7 @@ def test_jobs_submitted_earlier_whose_drivers_are_still_starting_go_first():
 
 def test_the_queue_listing_shows_who_runs_and_who_waits_why(tmp_path):
     from fluxray.track.local import RunRecord
-    from fluxray.train.admission import format_queue
+    from fluxray.cluster.admission import format_queue
 
     RunRecord(tmp_path / "b").set_status(state="queued", reason="waiting for 2 CPU (0 free): held by job a (running)")
     entries = [{**entry("a", 100.0), "state": "running", "started": 160.0, "run_dir": str(tmp_path / "a")},

@@ -21,7 +21,7 @@ from fluxray.cluster import machine_cpus, start_head, start_worker_node
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 24, 4
 SECRET = "service-token-not-for-workers"
 
