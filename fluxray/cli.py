@@ -42,12 +42,10 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
-def _cmd_make_tiny_model(args) -> int:
-    from fluxray.model.tiny import make_tiny_model
+def _cmd_make_demo_model(args) -> int:
+    from fluxray.train.pretrain_demo import main
 
-    out = make_tiny_model(Path(args.dir), seed=args.seed)
-    print(f"tiny FLUX pipeline written to {out}")
-    return 0
+    return main([str(args.dir), "--seed", str(args.seed)] + (["--quick"] if args.quick else []))
 
 
 def _cmd_train(args) -> int:
@@ -211,6 +209,8 @@ def _cmd_doctor(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fluxray.model.demo import WEIGHTS_DIR
+
     parser = argparse.ArgumentParser(prog="fluxray", description="Train FLUX.1 LoRAs on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show everything: debug logs, and every library's warnings and progress bars")
@@ -224,10 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="make every problem fatal")
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("make-tiny-model", help="write the tiny random-weight FLUX pipeline (diffusers format)")
-    p.add_argument("dir")
+    p = sub.add_parser("make-demo-model", help="pretrain the demo model (`model.path: tiny`) and its likeness "
+                                               "embedder on drawn portraits (see fluxray.train.pretrain_demo)")
+    p.add_argument("dir", nargs="?", default=str(WEIGHTS_DIR), help=f"where to write them (default: {WEIGHTS_DIR}, "
+                                                                    "what `tiny` loads)")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_make_tiny_model)
+    p.add_argument("--quick", action="store_true", help="a few steps of each stage: checks the code, not the model")
+    p.set_defaults(func=_cmd_make_demo_model)
 
     p = sub.add_parser("train", help="train a LoRA (on Ray Train workers, or --local in this process)")
     _add_config_args(p, required=True)

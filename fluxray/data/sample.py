@@ -186,26 +186,31 @@ def random_person(rng: random.Random) -> tuple[Person, str]:
     return Person(hair, style, beard, rng.choice(_GENERIC_SKIN), sex), words
 
 
-def generic_people(n: int, seed: int = 0) -> list[tuple[Person, Look]]:
+def generic_people(n: int, seed: int = 0, plain: bool = False) -> list[tuple[Person, Look]]:
     """`n` varied people (hair colour and style, beard, skin, glasses) in varied clothes, backgrounds,
-    framing and light; deterministic for a seed. Never the pxco man."""
+    framing, poses and light; deterministic for a seed. Never the pxco man.
+
+    `plain`: close-up and head-and-shoulders portraits without microphones or bokeh, plainer pictures
+    than his, which a small model learns to draw in minutes.
+    """
     rng = random.Random(seed)
+    backgrounds = [k for k in range(len(_GENERIC_BACKGROUNDS)) if not plain or k != _BOKEH]
     out = []
     for _ in range(n):
         person, age = random_person(rng)
         out.append((person, Look(
-            age=age, shot=rng.randrange(len(_SHOTS)), turn=rng.randrange(len(_TURNS)),
-            outfit=rng.randrange(len(_GENERIC_OUTFITS)), background=rng.randrange(len(_GENERIC_BACKGROUNDS)),
-            lighting=rng.randrange(len(_LIGHTING)), glasses=rng.random() < 0.3, microphone=rng.random() < 0.15,
-            expression=rng.choice(["smiling", "neutral", "speaking"]))))
+            age=age, shot=rng.randrange(2 if plain else len(_SHOTS)), turn=rng.randrange(len(_TURNS)),
+            outfit=rng.randrange(len(_GENERIC_OUTFITS)), background=rng.choice(backgrounds),
+            lighting=rng.randrange(len(_LIGHTING)), glasses=rng.random() < 0.3,
+            microphone=not plain and rng.random() < 0.15, expression=rng.choice(["smiling", "neutral", "speaking"]))))
     return out
 
 
-def generic_portraits(n: int, size: int = 64, seed: int = 0) -> list[Portrait]:
-    """`generic_people(n, seed)` drawn and captioned as the pxco set is."""
+def generic_portraits(n: int, size: int = 64, seed: int = 0, plain: bool = False) -> list[Portrait]:
+    """`generic_people(n, seed, plain)` drawn and captioned as the pxco set is."""
     rng = random.Random(seed + 1)  # the drawing's own stream: the people do not depend on `size`
-    return [Portrait(draw_portrait(person, look, size, rng), _caption(person, look, placeholder=False), _phrases(person, look),
-                     person, look.glasses) for person, look in generic_people(n, seed)]
+    return [Portrait(draw_portrait(person, look, size, rng), _caption(person, look, placeholder=False),
+                     _phrases(person, look), person, look.glasses) for person, look in generic_people(n, seed, plain)]
 
 
 def caption_corpus() -> list[str]:

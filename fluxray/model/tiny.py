@@ -1,9 +1,10 @@
-"""A tiny random-weight FLUX.1 pipeline in diffusers format, built from config, and a tiny
-CLIP vision model for `validation.embedding_model`.
+"""The parts of a small FLUX.1 pipeline in diffusers format, and the 1+1-block random-weight one.
 
-Tests, CI and Ray smoke runs load them with `from_pretrained` exactly as they would
-FLUX.1-dev and openai/clip-vit-large-patch14, so the real code paths run on CPU in well
-under a second.
+Tokenizers whose vocabulary is every word of the drawn portraits' captions, tiny CLIP and T5 text
+encoders, the transformer, the VAE and the scheduler, each built from config. The demo model
+(`fluxray.model.demo`) is pretrained from these parts; `make_random_flux` writes them with random
+weights, a model that draws noise but runs the real code paths on CPU in well under a second, for the
+tests that need speed. Both load with `FluxPipeline.from_pretrained`, exactly as FLUX.1-dev does.
 """
 
 import math
@@ -18,28 +19,13 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from tokenizers import pre_tokenizers
-from transformers import (CLIPImageProcessorPil, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig,
-                          CLIPVisionModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
-# Caption-like text the tokenizers learn their vocabularies from; any other text still
-# encodes (CLIP falls back to bytes, T5 to single characters, then <unk>).
-CORPUS = (
-    "pxco, professional portrait photo, high quality, detailed, wearing formal attire",
-    "natural lighting, photorealistic, close-up shot, sharp focus, studio lighting",
-    "a middle-aged man with short gray hair and a neatly trimmed beard, smiling",
-    "a young woman with long brown hair, soft window light, shallow depth of field",
-    "pxco standing in a park, full body shot, golden hour, bokeh background",
-    "a photo of pxco in a blue suit and white shirt, looking at the camera",
-    "cinematic, 35mm film, dramatic shadows, black and white, high contrast",
-    "an old woman with glasses reading a book by the fireplace, warm tones",
-    "a child laughing on the beach, bright daylight, vivid colors, candid moment",
-    "headshot of a person in a red dress, neutral gray backdrop, 85mm lens",
-)
+from fluxray.data.sample import caption_corpus
 
 TEXT_DIM = 32  # CLIP hidden size == T5 d_model == transformer joint/pooled dims
 CLIP_MAX_LENGTH = 77  # as FLUX.1-dev's CLIP-L tokenizer
 T5_MAX_LENGTH = 512  # FluxPipeline accepts max_sequence_length up to 512
-EMBED_IMAGE_SIZE = 32  # pixels the tiny CLIP vision model sees (CLIP-L: 224)
 
 
 def _learn_bpe_merges(words: Counter, num_merges: int) -> list[tuple[str, str]]:
@@ -74,14 +60,14 @@ def _merge_pair(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]
     return tuple(out)
 
 
-def _clip_tokenizer() -> CLIPTokenizer:
-    """Byte-level BPE with CLIP's normaliser and pre-tokenizer, merges learnt from CORPUS."""
+def clip_tokenizer() -> CLIPTokenizer:
+    """Byte-level BPE with CLIP's normaliser and pre-tokenizer, merged until every caption word is one token."""
     backend = CLIPTokenizer().backend_tokenizer
     words = Counter()
-    for text in CORPUS:
+    for text in caption_corpus():
         for piece, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text)):
             words[(*piece[:-1], piece[-1] + "</w>")] += 1  # CLIP marks the word-final symbol
-    merges = _learn_bpe_merges(words, num_merges=150)
+    merges = _learn_bpe_merges(words, num_merges=10_000)  # stops once no pair is left
     # Every byte in both forms, as in real CLIP, so no text ever maps to <unk>.
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokens = alphabet + [char + "</w>" for char in alphabet] + [a + b for a, b in merges]
@@ -90,9 +76,9 @@ def _clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
 
 
-def _t5_tokenizer() -> T5Tokenizer:
-    """Unigram over CORPUS's words plus printable ASCII; ids 0, 1, 2 are <pad>, </s>, <unk> as in T5."""
-    words = Counter(re.findall(r"\w+", " ".join(CORPUS)))
+def t5_tokenizer() -> T5Tokenizer:
+    """Unigram over the caption words plus printable ASCII; ids 0, 1, 2 are <pad>, </s>, <unk> as in T5."""
+    words = Counter(re.findall(r"[\w-]+", " ".join(caption_corpus())))
     total = sum(words.values())
     # Whole words score their log frequency; single characters score far lower, so
     # Viterbi keeps known words whole and spells out the rest.
@@ -105,7 +91,7 @@ def _t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=T5_MAX_LENGTH)
 
 
-def _clip_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+def clip_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_DIM,
@@ -121,7 +107,7 @@ def _clip_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def _t5_text_encoder(tokenizer: T5Tokenizer) -> T5EncoderModel:
+def t5_text_encoder(tokenizer: T5Tokenizer) -> T5EncoderModel:
     config = T5Config(
         vocab_size=len(tokenizer),
         d_model=TEXT_DIM,
@@ -138,30 +124,35 @@ def _t5_text_encoder(tokenizer: T5Tokenizer) -> T5EncoderModel:
     return T5EncoderModel(config)
 
 
-def _transformer(double_blocks: int = 1, single_blocks: int = 1, heads: int = 2) -> FluxTransformer2DModel:
+def transformer(double_blocks: int = 1, single_blocks: int = 1, heads: int = 2,
+                head_dim: int = 16) -> FluxTransformer2DModel:
+    # Rotary axes (index, row, col) as FLUX.1 splits its 128: a small first axis, the rest halved.
+    axis = head_dim // 8
     return FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,  # 16 latent channels packed 2x2
         num_layers=double_blocks,
         num_single_layers=single_blocks,
-        attention_head_dim=16,
+        attention_head_dim=head_dim,
         num_attention_heads=heads,
         joint_attention_dim=TEXT_DIM,
         pooled_projection_dim=TEXT_DIM,
         guidance_embeds=True,  # FLUX.1-dev is guidance-distilled
-        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+        axes_dims_rope=(2 * axis, 3 * axis, 3 * axis),  # sums to attention_head_dim
     )
 
 
-def _vae() -> AutoencoderKL:
+def vae(channels: tuple[int, int, int, int] = (8, 8, 8, 8), groups: int = 4) -> AutoencoderKL:
+    """FLUX's VAE layout (16 latent channels, four levels: 8x down) at `channels` widths. The shift and
+    scaling factors are FLUX.1's until a trained VAE measures its own."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),  # four levels: FluxPipeline.vae_scale_factor is 8
+        block_out_channels=channels,  # four levels: FluxPipeline.vae_scale_factor is 8
         layers_per_block=1,
-        norm_num_groups=4,
+        norm_num_groups=groups,
         latent_channels=16,
         shift_factor=0.1159,
         scaling_factor=0.3611,
@@ -170,7 +161,8 @@ def _vae() -> AutoencoderKL:
     )
 
 
-def _scheduler() -> FlowMatchEulerDiscreteScheduler:
+def scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1-dev's: flow-match Euler with resolution-dependent shift."""
     return FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=3.0,
@@ -182,56 +174,28 @@ def _scheduler() -> FlowMatchEulerDiscreteScheduler:
     )
 
 
-def make_tiny_model(out_dir: str | Path, *, seed: int = 0, double_blocks: int = 1, single_blocks: int = 1,
-                    heads: int = 2) -> Path:
+def make_random_flux(out_dir: str | Path, *, seed: int = 0, double_blocks: int = 1, single_blocks: int = 1,
+                     heads: int = 2) -> Path:
     """Write a complete random-weight FLUX pipeline in diffusers format to out_dir and return it.
 
     The defaults are the 1+1-block test model; the benchmarks ask for a few more blocks and
     heads so that a step's compute, not its bookkeeping, dominates.
     """
     out_dir = Path(out_dir)
-    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+    clip, t5 = clip_tokenizer(), t5_tokenizer()
     # A private RNG stream: same seed, same weights, and the caller's RNG is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        pipe = FluxPipeline(
-            scheduler=_scheduler(),
-            vae=_vae(),
-            text_encoder=_clip_text_encoder(tokenizer),
-            tokenizer=tokenizer,
-            text_encoder_2=_t5_text_encoder(tokenizer_2),
-            tokenizer_2=tokenizer_2,
-            transformer=_transformer(double_blocks, single_blocks, heads),
-        )
+        pipe = FluxPipeline(scheduler=scheduler(), vae=vae(), text_encoder=clip_text_encoder(clip), tokenizer=clip,
+                            text_encoder_2=t5_text_encoder(t5), tokenizer_2=t5,
+                            transformer=transformer(double_blocks, single_blocks, heads))
     pipe.save_pretrained(out_dir)
     return out_dir
 
 
-def make_tiny_image_embedder(out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Write a random-weight `CLIPVisionModelWithProjection` and its image processor to out_dir,
-    laid out as openai/clip-vit-large-patch14 is, and return it."""
-    out_dir = Path(out_dir)
-    config = CLIPVisionConfig(image_size=EMBED_IMAGE_SIZE, patch_size=8, hidden_size=32, intermediate_size=37,
-                              num_hidden_layers=2, num_attention_heads=4, projection_dim=16)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPVisionModelWithProjection(config)
-    model.save_pretrained(out_dir)
-    # The PIL backend needs no torchvision; it saves as `CLIPImageProcessor`, like CLIP-L's, and
-    # resizes the short side and centre-crops to the model's size.
-    CLIPImageProcessorPil(size={"shortest_edge": EMBED_IMAGE_SIZE},
-                          crop_size={"height": EMBED_IMAGE_SIZE, "width": EMBED_IMAGE_SIZE}).save_pretrained(out_dir)
-    return out_dir
-
-
-def ensure_tiny_model(out_dir: str | Path, *, seed: int = 0, **dims) -> Path:
-    """Return out_dir holding the tiny model, building it once; safe for concurrent Ray workers."""
-    return _build_once(Path(out_dir), "model_index.json", lambda tmp: make_tiny_model(tmp, seed=seed, **dims))
-
-
-def ensure_tiny_image_embedder(out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Return out_dir holding the tiny CLIP vision model, building it once; safe for concurrent workers."""
-    return _build_once(Path(out_dir), "preprocessor_config.json", lambda tmp: make_tiny_image_embedder(tmp, seed=seed))
+def ensure_random_flux(out_dir: str | Path, *, seed: int = 0, **dims) -> Path:
+    """Return out_dir holding the random-weight model, building it once; safe for concurrent Ray workers."""
+    return _build_once(Path(out_dir), "model_index.json", lambda tmp: make_random_flux(tmp, seed=seed, **dims))
 
 
 def _build_once(out_dir: Path, marker: str, make) -> Path:

@@ -30,7 +30,7 @@ def test_generic_people_vary_and_are_never_the_pxco_man():
     counts = [Counter(likeness_labels(p)[k] for p in portraits) for k in range(6)]
     # Every hair colour, hair style, beard kind, skin tone, glasses or not, man or woman occurs.
     assert [len(c) for c in counts] == [8, 5, 4, 7, 2, 2]
-    assert len({(look.outfit, look.background, look.shot) for _, look in generic_people(1000, seed=0)}) > 300
+    assert len({(look.outfit, look.background, look.turn, look.shot) for _, look in generic_people(1000, seed=0)}) > 300
 
 
 def test_portraits_are_deterministic_and_captioned_with_what_is_drawn():

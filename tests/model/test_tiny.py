@@ -1,4 +1,4 @@
-"""The tiny FLUX pipeline loads and runs through diffusers exactly as FLUX.1-dev does."""
+"""The random-weight 1+1-block FLUX pipeline loads and runs through diffusers exactly as FLUX.1-dev does."""
 
 import pytest
 import torch
@@ -6,14 +6,14 @@ from diffusers import FluxPipeline
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer, T5Tokenizer
 
-from fluxray.model.tiny import ensure_tiny_image_embedder, ensure_tiny_model, make_tiny_model
+from fluxray.model.tiny import ensure_random_flux, make_random_flux
 
 TRANSFORMER_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "flux", seed=0)
+    return make_random_flux(tmp_path_factory.mktemp("tiny") / "flux", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,9 @@ def test_tokenizers_load_as_flux_dev_classes(pipe):
     assert isinstance(pipe.tokenizer, CLIPTokenizer) and pipe.tokenizer.model_max_length == 77
     assert isinstance(pipe.tokenizer_2, T5Tokenizer) and pipe.tokenizer_2.model_max_length == 512
     assert pipe.tokenizer_2.convert_ids_to_tokens([0, 1, 2]) == ["<pad>", "</s>", "<unk>"]
-    assert pipe.tokenizer_2.tokenize("pxco portrait") == ["▁pxco", "▁portrait"]
+    # Caption words are one token each; the trigger is spelled out, as FLUX.1-dev's T5 spells it.
+    assert pipe.tokenizer_2.tokenize("gray hair portrait") == ["▁gray", "▁hair", "▁portrait"]
+    assert pipe.tokenizer_2.tokenize("pxco") == ["▁", "p", "x", "c", "o"]
 
 
 def test_transformer_is_one_double_one_single_block(pipe):
@@ -87,8 +89,8 @@ def test_vae_matches_flux_latent_space(pipe):
 
 def test_same_seed_same_weights(model_dir, tmp_path):
     reference = load_file(model_dir / TRANSFORMER_WEIGHTS)
-    same = load_file(make_tiny_model(tmp_path / "same", seed=0) / TRANSFORMER_WEIGHTS)
-    other = load_file(make_tiny_model(tmp_path / "other", seed=1) / TRANSFORMER_WEIGHTS)
+    same = load_file(make_random_flux(tmp_path / "same", seed=0) / TRANSFORMER_WEIGHTS)
+    other = load_file(make_random_flux(tmp_path / "other", seed=1) / TRANSFORMER_WEIGHTS)
     assert all(torch.equal(reference[key], same[key]) for key in reference)
     assert not all(torch.equal(reference[key], other[key]) for key in reference)
 
@@ -98,12 +100,10 @@ def test_folder_is_small(model_dir):
     assert size < 5 * 2**20
 
 
-@pytest.mark.parametrize("ensure,marker", [(ensure_tiny_model, "model_index.json"),
-                                           (ensure_tiny_image_embedder, "preprocessor_config.json")])
-def test_ensure_builds_once_then_reuses(tmp_path, ensure, marker):
+def test_ensure_builds_once_then_reuses(tmp_path):
     out_dir = tmp_path / "model"
-    assert ensure(out_dir) == out_dir
-    mtime = (out_dir / marker).stat().st_mtime_ns
-    assert ensure(out_dir) == out_dir
-    assert (out_dir / marker).stat().st_mtime_ns == mtime
+    assert ensure_random_flux(out_dir) == out_dir
+    mtime = (out_dir / "model_index.json").stat().st_mtime_ns
+    assert ensure_random_flux(out_dir) == out_dir
+    assert (out_dir / "model_index.json").stat().st_mtime_ns == mtime
     assert [path.name for path in tmp_path.iterdir()] == ["model"]  # no tmp build left behind
