@@ -43,7 +43,7 @@ def _cfg(root: Path, model: Path, dataset: Path, name: str, *overrides: str):
 
     return load_config(REPO / "configs" / "tiny.yaml", [
         f"storage.root={root}", f"model.path={model}", f"dataset.path={dataset}", f"save.name={name}",
-        *overrides])
+        "validation.embedding_model=null", *overrides])
 
 
 def _steady_seconds_per_step(run_dir: Path, skip: int, key: str | None = None) -> float:
@@ -149,7 +149,7 @@ def bench_caches(ctx) -> dict:
 
     out = {}
     for name, cached in (("cached", "true"), ("uncached", "false")):
-        cfg = _cfg(ctx.root, ctx.tiny_model, ctx.dataset, f"bench-b-{name}", f"train.steps={ctx.steps}",
+        cfg = _cfg(ctx.root, ctx.random_flux, ctx.dataset, f"bench-b-{name}", f"train.steps={ctx.steps}",
                    "sample.every=0", f"save.every={ctx.steps}", f"validation.every={ctx.steps}",
                    "distributed.workers=1", f"dataset.cache_latents={cached}",
                    f"dataset.cache_text_embeddings={cached}", "dataset.resolutions=[256]",
@@ -189,8 +189,8 @@ def bench_submit_to_first_step(ctx) -> dict:
     t0 = time.time()
     job = client.submit_job(
         entrypoint=(f"python jobs/train.py --config configs/tiny.yaml --set storage.root={ctx.root} "
-                    f"--set model.path={ctx.tiny_model} --set dataset.path={ctx.dataset} --set save.name={name} "
-                    "--set train.steps=5 --set sample.every=0 --set save.every=5"),
+                    f"--set model.path={ctx.random_flux} --set dataset.path={ctx.dataset} --set save.name={name} "
+                    "--set train.steps=5 --set sample.every=0 --set validation.embedding_model=null --set save.every=5"),
         runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git", "test-artifacts"]})
     metrics = ctx.root / "runs" / name / "metrics.jsonl"
     first = None
@@ -218,7 +218,7 @@ def bench_sampling_share(ctx) -> dict:
         d = d.model_copy(update={"width": 256, "height": 256, "steps": 4})
 
     def run(name: str, sample, local: bool) -> tuple[dict, float]:
-        cfg = _cfg(ctx.root, ctx.tiny_model, ctx.dataset, name, f"train.steps={steps}", f"save.every={steps}",
+        cfg = _cfg(ctx.root, ctx.random_flux, ctx.dataset, name, f"train.steps={steps}", f"save.every={steps}",
                    "distributed.workers=1", "dataset.resolutions=[256]")
         cfg = cfg.model_copy(update={"sample": sample})  # every 50 steps, the guide's 3 prompts, 20 steps, 1024²
         t = time.time()
@@ -247,7 +247,7 @@ def bench_gpu_mfu(ctx) -> dict:
     if not torch.cuda.is_available():
         out = {"skipped": "no CUDA device"}
         if ctx.quick:  # CI: the same measurement code on the tiny transformer, so a GPU run finds it working
-            out["cpu_dry_run"] = _quantized_step_times(ctx.tiny_model, torch.device("cpu"), (64,), 4, None)
+            out["cpu_dry_run"] = _quantized_step_times(ctx.random_flux, torch.device("cpu"), (64,), 4, None)
         return out
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
@@ -391,14 +391,14 @@ def main() -> int:
     args = ap.parse_args()
 
     from fluxray.data.prepare import prepare_dataset
-    from fluxray.model.tiny import ensure_tiny_model
+    from fluxray.model.tiny import ensure_random_flux
 
     work = Path(tempfile.mkdtemp(prefix="fluxray-bench-"))
     ctx = argparse.Namespace(quick=args.quick, root=work / "root", steps=12 if args.quick else 60,
                              skip=4 if args.quick else 10, res=128, gpu_steps=6 if args.quick else 20)
-    ctx.tiny_model = ensure_tiny_model(work / "models" / "tiny")
+    ctx.random_flux = ensure_random_flux(work / "models" / "tiny")
     # Bigger than the test model so a step's compute dominates its bookkeeping, still CPU-sized.
-    ctx.small_model = ensure_tiny_model(work / "models" / "small", double_blocks=2, single_blocks=4, heads=8)
+    ctx.small_model = ensure_random_flux(work / "models" / "small", double_blocks=2, single_blocks=4, heads=8)
     ctx.dataset = work / "dataset"
     prepare_dataset(REPO / "samples" / "pxco", REPO / "samples" / "pxco" / "captions.json", trigger_word="pxco",
                     out_dir=ctx.dataset)

@@ -28,7 +28,7 @@ DEFAULT_SAMPLE_PROMPTS = [
     "[trigger], close-up shot, sharp focus, studio lighting",
 ]
 
-#: Value of `model.path` that means "the embedded tiny random-weight FLUX", built on first use.
+#: Value of `model.path` (and `validation.embedding_model`) that means the demo model shipped with fluxray.
 TINY_MODEL = "tiny"
 
 #: Values of `model.quantize` that store the base's block linears in fewer bits.
@@ -57,7 +57,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The base FLUX pipeline the LoRA is trained on."""
 
-    path: str = Field("black-forest-labs/FLUX.1-dev", description="Base FLUX pipeline: a local diffusers folder, a hub id, or `tiny` for the embedded random-weight model.")
+    path: str = Field("black-forest-labs/FLUX.1-dev", description="Base FLUX pipeline: a local diffusers folder, a hub id, or `tiny` for the small demo model shipped with fluxray.")
     revision: str | None = Field(None, description="Hub revision of `path` (branch, tag or commit).")
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="Dtype the frozen base weights are held in: `bf16`, `fp32`, or `auto` (bf16 on a GPU with bf16, else fp32). The LoRA, its AdamW state and the EMA are fp32 whatever this says (docs/architecture.md, Precision).")
     max_sequence_length: int = Field(512, ge=1, le=512, description="T5 tokens per caption: 512 for dev, 256 for schnell.")
@@ -137,9 +137,9 @@ class TrainConfig(_Section):
     mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="Autocast dtype of the forward: `bf16`, `no` (fp32), or `auto` (bf16 on a GPU with bf16 or over a bf16 base, else `no`). The LoRA trains in fp32 either way; no fp16, which FLUX overflows.")
     gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", description="Recompute activations in backward; `auto` turns it on only when memory needs it.")
     compile: bool = Field(False, description="Compile the transformer with torch.compile through DeepSpeed's `engine.compile()` (the first steps are slower).")
-    early_stop: bool = Field(False, description="Stop (and save) once the fixed-noise validation loss has plateaued.")
-    early_stop_patience: int = Field(5, ge=1, description="Validations without an `early_stop_min_delta` improvement that count as a plateau.")
-    early_stop_min_delta: float = Field(0.01, ge=0, lt=1, description="Relative drop of the smoothed validation loss that counts as an improvement.")
+    early_stop: bool = Field(False, description="Stop (and save) once the previews' likeness (with `validation.embedding_model`), or else the fixed-noise validation loss, has plateaued.")
+    early_stop_patience: int = Field(5, ge=1, description="Validations (or scored previews) without an `early_stop_min_delta` improvement that count as a plateau.")
+    early_stop_min_delta: float = Field(0.01, ge=0, lt=1, description="Relative drop of the smoothed validation loss (of the likeness: of its distance to a perfect match) that counts as an improvement.")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -290,7 +290,7 @@ class ValidationConfig(_Section):
     every: int | None = Field(None, ge=1, description="Fixed-noise validation loss every N steps; `None` follows `sample.every` (or `save.every` if previews are off).")
     images: int = Field(4, ge=1, description="Training images held fixed for the validation loss.")
     sigmas: list[float] = Field([0.1, 0.3, 0.5, 0.7, 0.9], min_length=1, description="Fixed σ values of the validation loss.")
-    embedding_model: str | None = Field(None, min_length=1, description="CLIP vision model (a local folder or hub id, e.g. `openai/clip-vit-large-patch14`) that scores each preview step by the previews' similarity to the training images (`sample_similarity`); `None` turns it off.")
+    embedding_model: str | None = Field(None, min_length=1, description="CLIP vision model (a local folder or hub id, e.g. `openai/clip-vit-large-patch14`; `tiny`: the demo model's likeness embedder) that scores each preview step by the previews' similarity to the training images (`sample_similarity`); `None` turns it off.")
 
 
 class JobConfig(_Section):

@@ -26,15 +26,16 @@ ensure_auth_token()
 
 @pytest.fixture(scope="session")
 def session_root(tmp_path_factory) -> Path:
-    """A storage root shared by the session: the tiny model and caches are built once."""
+    """A storage root shared by the session: the random model and caches are built once."""
     return tmp_path_factory.mktemp("fluxray-root")
 
 
 @pytest.fixture(scope="session")
-def tiny_model(session_root) -> Path:
-    from fluxray.model.tiny import ensure_tiny_model
+def random_flux(session_root) -> Path:
+    """The 1+1-block random-weight FLUX pipeline: draws noise, but runs every code path in milliseconds."""
+    from fluxray.model.tiny import ensure_random_flux
 
-    return ensure_tiny_model(session_root / "models" / "tiny-flux")
+    return ensure_random_flux(session_root / "models" / "random-flux")
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +48,15 @@ def prepared_sample(session_root) -> Path:
     return out
 
 
+#: configs/tiny.yaml cut to a quick recipe for the random model: what tests run, unless they say otherwise.
+QUICK = ["train.steps=40", "train.lr=0.001", "lora.rank=4", "sample.every=20", "sample.steps=4", "save.every=20",
+         "validation.embedding_model=null"]
+
+
 @pytest.fixture
-def tiny_config(session_root, tiny_model, prepared_sample, tmp_path):
-    """`tiny_config(*overrides)` -> a validated JobConfig for the tiny model on the sample set.
+def tiny_config(session_root, random_flux, prepared_sample, tmp_path):
+    """`tiny_config(*overrides)` -> a validated JobConfig: configs/tiny.yaml on the random model and
+    the sample set, with the QUICK recipe.
 
     Runs, LoRAs and the MLflow store go to this test's tmp_path; the model and the caches
     are shared by the session (the model through `model.path`, caches by content key).
@@ -57,8 +64,8 @@ def tiny_config(session_root, tiny_model, prepared_sample, tmp_path):
     from fluxray.config import load_config
 
     def make(*overrides: str, root: Path | None = None):
-        base = [f"model.path={tiny_model}", f"dataset.path={prepared_sample}",
-                f"storage.root={root or tmp_path / 'root'}", "save.name=test-run"]
+        base = [f"model.path={random_flux}", f"dataset.path={prepared_sample}",
+                f"storage.root={root or tmp_path / 'root'}", "save.name=test-run", *QUICK]
         return load_config(REPO / "configs" / "tiny.yaml", base + list(overrides))
 
     return make

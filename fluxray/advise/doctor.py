@@ -206,7 +206,7 @@ def check_mlflow(cfg: JobConfig, timeout: float = 5.0) -> Check:
 
 
 def check_model(cfg: JobConfig) -> Check:
-    """`model.path` loads: the tiny model, a diffusers folder, or a hub id in the HF cache."""
+    """`model.path` loads: the demo model, a diffusers folder, or a hub id in the HF cache."""
     from fluxray.model.source import model_source
 
     path = cfg.model.path
@@ -215,7 +215,12 @@ def check_model(cfg: JobConfig) -> Check:
     except ConfigError as e:
         return Check("model", "fatal", str(e), "set model.path (in the config, or --set model.path=...)")
     if kind == "tiny":
-        return Check("model", "ok", "the embedded tiny model (built under storage.root on first use)")
+        from fluxray.model.demo import demo_model_dir
+
+        if (demo_model_dir() / "model_index.json").is_file():
+            return Check("model", "ok", f"the demo model shipped with fluxray ({demo_model_dir()})")
+        return Check("model", "fatal", f"model.path tiny: the demo model is missing from {demo_model_dir()}",
+                     "reinstall fluxray, or rebuild it: fluxray make-demo-model")
     local = Path(path).expanduser()
     if kind == "folder":
         if (local / "model_index.json").is_file():

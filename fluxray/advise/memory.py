@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fluxray.config import TINY_MODEL, JobConfig
+from fluxray.config import JobConfig
 from fluxray.errors import ConfigError
 from fluxray.track.flops import FLUX1_DEV, GPUS, Gpu, find_gpu
 
@@ -464,7 +464,7 @@ def memory_advice(cfg: JobConfig, gpu: Gpu, gpu_bytes: float | None = None,
 # ---------------------------------------------------------------------------------------
 
 def component_config(cfg: JobConfig, subfolder: str, name: str = "config.json") -> tuple[dict | None, str | None]:
-    """`<model>/<subfolder>/<name>` from a local folder, the built tiny model or the HF cache, else None."""
+    """`<model>/<subfolder>/<name>` from a local folder, the shipped demo model or the HF cache, else None."""
     from fluxray.model.source import local_model_folder
 
     folder = local_model_folder(cfg)
@@ -497,5 +497,4 @@ def model_configs(cfg: JobConfig) -> ModelConfigs:
         vae = {"params": params or FLUX1_DEV_VAE["params"], "block_out_channels": vae_cfg["block_out_channels"]}
     if dims is not None:
         return ModelConfigs(dims, t5, clip, vae, found)
-    assumed = " (assumed: the tiny model is not built yet)" if cfg.model.path == TINY_MODEL else " (assumed)"
-    return ModelConfigs(dict(FLUX1_DEV), t5, clip, vae, "FLUX.1-dev" + assumed)
+    return ModelConfigs(dict(FLUX1_DEV), t5, clip, vae, "FLUX.1-dev (assumed)")

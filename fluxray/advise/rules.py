@@ -192,7 +192,7 @@ def _guidance_distilled(cfg: JobConfig) -> bool:
     """FLUX.1-dev (guidance embedding) or schnell, from the model's config when it is local."""
     path = Path(cfg.model.path).expanduser()
     if cfg.model.path == TINY_MODEL:
-        return True  # the tiny model mirrors dev
+        return True  # the demo model mirrors dev
     config = path / "transformer" / "config.json"
     if config.is_file():
         return bool(json.loads(config.read_text()).get("guidance_embeds", False))

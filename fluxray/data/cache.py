@@ -30,11 +30,36 @@ def sha(data: bytes | str, n: int = 20) -> str:
     return hashlib.sha256(data).hexdigest()[:n]
 
 
+#: The parts of a pipeline the caches are made with: the VAE (latents), the text encoders and tokenizers.
+CACHE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+#: Files up to this size are hashed whole; larger ones (T5-XXL is 9.5 GB) by size and their first and last MiB.
+_WHOLE_FILE_BYTES = 64 << 20
+
+
 def model_key(model_path: str, revision: str | None) -> str:
-    """Caches depend on the VAE and text encoders, so on the base model they came from."""
+    """Caches depend on the VAE, the text encoders and their tokenizers: a local model is keyed by the
+    content of those files, so a model rebuilt or replaced in the same folder never reuses an older
+    model's cache; a hub id by the id and revision."""
     p = Path(model_path)
-    ident = str(p.resolve()) if p.exists() else model_path
-    return sha(f"{ident}@{revision or 'main'}", 12)
+    if not p.is_dir():
+        return sha(f"{model_path}@{revision or 'main'}", 12)
+    h = hashlib.sha256()
+    for part in CACHE_PARTS:
+        for f in sorted((p / part).rglob("*")) if (p / part).is_dir() else []:
+            if f.is_file():
+                h.update(f"{f.relative_to(p).as_posix()}\0{f.stat().st_size}\0".encode())
+                h.update(_content_digest(f))
+    return h.hexdigest()[:12]
+
+
+def _content_digest(path: Path) -> bytes:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= _WHOLE_FILE_BYTES:
+            return hashlib.sha256(f.read()).digest()
+        head = f.read(1 << 20)
+        f.seek(size - (1 << 20))
+        return hashlib.sha256(head + f.read()).digest()
 
 
 @dataclass

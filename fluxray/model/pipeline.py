@@ -1,6 +1,6 @@
-"""Loading the base FLUX pipeline: the tiny embedded model, a local folder or a hub id.
+"""Loading the base FLUX pipeline: the shipped demo model (`tiny`), a local folder or a hub id.
 
-One loading path for all three, `FluxPipeline.from_pretrained`, so the tiny model
+One loading path for all three, `FluxPipeline.from_pretrained`, so the demo model
 exercises exactly the code that loads real FLUX.1-dev.
 """
 
@@ -29,11 +29,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_model_path(cfg: JobConfig) -> str:
-    """The `from_pretrained` argument for `model.path`; `tiny` is built under the storage root once."""
+    """The `from_pretrained` argument for `model.path`; `tiny` is the demo model shipped with fluxray."""
     if cfg.model.path == TINY_MODEL:
-        from fluxray.model.tiny import ensure_tiny_model
+        from fluxray.model.demo import demo_model_dir
 
-        return str(ensure_tiny_model(cfg.storage_root / "models" / "tiny-flux"))
+        path = demo_model_dir()
+        if not (path / "model_index.json").exists():
+            raise FluxrayError(f"model.path: tiny: the demo model is missing from {path}; reinstall fluxray, or "
+                               "rebuild it with `fluxray make-demo-model`")
+        return str(path)
     local = Path(cfg.model.path).expanduser()
     if local.exists():
         if not (local / "model_index.json").exists():

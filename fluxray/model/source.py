@@ -36,11 +36,13 @@ def model_source(path: str) -> Literal["tiny", "folder", "hub"]:
 
 
 def local_model_folder(cfg) -> Path | None:
-    """The folder `model.path` loads from on this machine: the built tiny model, the folder itself
+    """The folder `model.path` loads from on this machine: the shipped demo model, the folder itself
     or a hub id's snapshot in the HF cache; None when it is not here yet. Nothing is downloaded."""
     kind = model_source(cfg.model.path)
     if kind == "tiny":
-        folder = cfg.storage_root / "models" / "tiny-flux"
+        from fluxray.model.demo import demo_model_dir
+
+        folder = demo_model_dir()
     elif kind == "folder":
         folder = Path(cfg.model.path).expanduser()
     else:

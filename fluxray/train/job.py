@@ -65,8 +65,7 @@ def resolve_job(cfg: JobConfig) -> JobConfig:
         # A trigger may hold what a file name must not ('/', a leading '.'): keep its word characters.
         stem = re.sub(r"[^\w-]+", "_", trigger).strip("_")[:64] or "run"
         update["save"] = {**cfg.save.model_dump(), "name": f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"}
-    # Build the embedded tiny model here, once, before any worker looks for it (transformers
-    # skips writing weights from a process that is not rank 0 of a process group).
+    # A missing model fails here, in the driver, before any worker starts.
     from fluxray.model.pipeline import resolve_model_path
 
     resolve_model_path(cfg)

@@ -145,7 +145,7 @@ def test_cli_prints_advice_and_estimate_and_strict_exits_non_zero(tmp_path):
     assert "Traceback" not in bad.stderr and "1 x A100" in bad.stdout
 
 
-def test_the_shipped_demo_config_draws_no_warning_and_says_once_why(tmp_path, tiny_model):
+def test_the_shipped_demo_config_draws_no_warning_and_says_once_why(tmp_path, random_flux):
     demo = [f"dataset.path={REPO / 'samples' / 'pxco'}", f"storage.root={tmp_path}"]
     items = advise(load_config(REPO / "configs" / "tiny.yaml", demo))
     assert [a.id for a in items if a.severity != "info"] == []
@@ -153,16 +153,16 @@ def test_the_shipped_demo_config_draws_no_warning_and_says_once_why(tmp_path, ti
     assert [a.id for a in items].count("model.demo") == 1
     # The guide's likeness advice is left out for the demo model only: the same settings on a
     # model folder get it.
-    other = {a.id for a in advise(load_config(REPO / "configs" / "tiny.yaml", demo + [f"model.path={tiny_model}"]))}
+    other = {a.id for a in advise(load_config(REPO / "configs" / "tiny.yaml", demo + [f"model.path={random_flux}"]))}
     assert {"steps.too_few", "ema.too_slow"} <= other and "model.demo" not in other
 
 
-def test_captions_longer_than_clip_or_t5_reads_are_counted_once(tiny_config, tiny_model, prepared_sample):
+def test_captions_longer_than_clip_or_t5_reads_are_counted_once(tiny_config, random_flux, prepared_sample):
     from transformers import AutoTokenizer
 
     texts = [json.loads(line)["text"] for line in (prepared_sample / "metadata.jsonl").read_text().splitlines()]
-    clip = AutoTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
-    t5 = AutoTokenizer.from_pretrained(tiny_model, subfolder="tokenizer_2")
+    clip = AutoTokenizer.from_pretrained(random_flux, subfolder="tokenizer")
+    t5 = AutoTokenizer.from_pretrained(random_flux, subfolder="tokenizer_2")
     over_clip = sum(len(clip(t).input_ids) > 77 for t in texts)
     over_32 = sum(len(t5(t).input_ids) > 32 for t in texts)
     assert 0 < over_clip and 0 < over_32  # the sample's captions are long

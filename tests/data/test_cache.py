@@ -19,18 +19,18 @@ def test_pixels_cover_the_bucket_and_centre_crop():
     assert px.min() >= -1 and px.max() <= 1
 
 
-def _cfg(tiny_model, prepared_sample, root, name):
+def _cfg(random_flux, prepared_sample, root, name):
     from fluxray.config import load_config
 
     return load_config(REPO / "configs" / "tiny.yaml", [
-        f"model.path={tiny_model}", f"dataset.path={prepared_sample}", f"storage.root={root}",
-        f"save.name={name}", "train.steps=3", "sample.every=0", "save.every=3", "distributed.workers=1",
+        f"model.path={random_flux}", f"dataset.path={prepared_sample}", f"storage.root={root}",
+        f"save.name={name}", "train.steps=3", "sample.every=0", "validation.embedding_model=null", "save.every=3", "distributed.workers=1",
         "dataset.resolutions=[64, 128]"])
 
 
-def test_second_job_on_the_same_data_computes_no_latents_and_no_embeddings(tiny_model, prepared_sample, tmp_path,
+def test_second_job_on_the_same_data_computes_no_latents_and_no_embeddings(random_flux, prepared_sample, tmp_path,
                                                                         monkeypatch):
-    first = run_job(_cfg(tiny_model, prepared_sample, tmp_path, "first"), local=True)
+    first = run_job(_cfg(random_flux, prepared_sample, tmp_path, "first"), local=True)
     # 18 images x 2 buckets, 18 captions + the empty caption + 3 preview prompts.
     assert first["cache"]["latents_computed"] == 36 and first["cache"]["latents_reused"] == 0
     assert first["cache"]["texts_computed"] >= 19
@@ -42,14 +42,14 @@ def test_second_job_on_the_same_data_computes_no_latents_and_no_embeddings(tiny_
         raise AssertionError("text encoders loaded although every embedding was cached")
 
     monkeypatch.setattr(pipeline, "attach_text_encoders", refuse)
-    second = run_job(_cfg(tiny_model, prepared_sample, tmp_path, "second"), local=True)
+    second = run_job(_cfg(random_flux, prepared_sample, tmp_path, "second"), local=True)
     assert second["cache"]["latents_computed"] == 0 and second["cache"]["texts_computed"] == 0
     assert second["cache"]["latents_reused"] == 36
     assert second["encoders_loaded"] is False
 
 
-def test_without_caches_the_job_encodes_on_the_fly(tiny_model, prepared_sample, tmp_path):
-    cfg = _cfg(tiny_model, prepared_sample, tmp_path, "nocache").model_copy(deep=True)
+def test_without_caches_the_job_encodes_on_the_fly(random_flux, prepared_sample, tmp_path):
+    cfg = _cfg(random_flux, prepared_sample, tmp_path, "nocache").model_copy(deep=True)
     cfg.dataset.cache_latents = False
     cfg.dataset.cache_text_embeddings = False
     summary = run_job(cfg, local=True)
@@ -58,7 +58,7 @@ def test_without_caches_the_job_encodes_on_the_fly(tiny_model, prepared_sample, 
     assert not (tmp_path / "cache").exists()
 
 
-def test_training_step_needs_neither_text_encoders_nor_vae(tiny_model):
+def test_training_step_needs_neither_text_encoders_nor_vae(random_flux):
     """The step takes the transformer and cached tensors only; a pipeline without encoders trains."""
     from diffusers import FluxTransformer2DModel
 
@@ -68,7 +68,7 @@ def test_training_step_needs_neither_text_encoders_nor_vae(tiny_model):
     from fluxray.model.lora import add_lora
     from fluxray.train.step import StepSpec, training_loss
 
-    tr = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer")
+    tr = FluxTransformer2DModel.from_pretrained(random_flux, subfolder="transformer")
     params = add_lora(tr, LoraConfig(rank=4))
     item = Item(0, (64, 64))
     loss = training_loss(tr, [item], ["pxco"], {item: (torch.randn(16, 8, 8), torch.zeros(16, 8, 8))},

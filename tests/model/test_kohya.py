@@ -86,8 +86,8 @@ def test_unmapped_module_is_a_clear_error_and_targets_are_checked():
     assert unmapped_targets(["attn.to_q", "x_embedder", "norm_out.linear"]) == ["x_embedder", "norm_out.linear"]
 
 
-def test_diffusers_loads_the_kohya_file_to_the_same_weights(tiny_model, tmp_path):
-    pipe = FluxPipeline.from_pretrained(tiny_model)
+def test_diffusers_loads_the_kohya_file_to_the_same_weights(random_flux, tmp_path):
+    pipe = FluxPipeline.from_pretrained(random_flux)
     pipe.set_progress_bar_config(disable=True)
     tensors = _without_linear1(_random_lora(pipe, DEFAULT_LORA_TARGETS))
     assert any(".single_transformer_blocks.0.proj_out." in k for k in tensors)
@@ -99,7 +99,7 @@ def test_diffusers_loads_the_kohya_file_to_the_same_weights(tiny_model, tmp_path
 
     results = {}
     for label, file in (("diffusers", path), ("kohya", kpath)):
-        p = FluxPipeline.from_pretrained(tiny_model)
+        p = FluxPipeline.from_pretrained(random_flux)
         p.set_progress_bar_config(disable=True)
         p.load_lora_weights(str(file), adapter_name="x")
         img = p(prompt="pxco, portrait", width=64, height=64, num_inference_steps=2, guidance_scale=3.5,

@@ -9,14 +9,14 @@ from fluxray.model.lora import (add_lora, export_state_dict, lora_metadata, lora
                                 save_lora, target_regex)
 
 
-def _transformer(tiny_model):
+def _transformer(random_flux):
     from diffusers import FluxTransformer2DModel
 
-    return FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer")
+    return FluxTransformer2DModel.from_pretrained(random_flux, subfolder="transformer")
 
 
-def test_only_lora_parameters_train_and_top_level_layers_are_left_alone(tiny_model):
-    tr = _transformer(tiny_model)
+def test_only_lora_parameters_train_and_top_level_layers_are_left_alone(random_flux):
+    tr = _transformer(random_flux)
     params = add_lora(tr, LoraConfig(rank=4))
     trainable = [n for n, p in tr.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -44,8 +44,8 @@ def test_export_bakes_alpha_into_b():
     assert export_state_dict(values, 1.0, "bf16")["transformer.a.lora_A.weight"].dtype == torch.bfloat16
 
 
-def test_saved_file_loads_in_diffusers_and_changes_the_image(tiny_model, tmp_path):
-    pipe = FluxPipeline.from_pretrained(tiny_model)
+def test_saved_file_loads_in_diffusers_and_changes_the_image(random_flux, tmp_path):
+    pipe = FluxPipeline.from_pretrained(random_flux)
     pipe.set_progress_bar_config(disable=True)
     add_lora(pipe.transformer, LoraConfig(rank=4, alpha=8))
     named = lora_named_params(pipe.transformer)
@@ -62,7 +62,7 @@ def test_saved_file_loads_in_diffusers_and_changes_the_image(tiny_model, tmp_pat
     meta = read_lora_metadata(path)
     assert meta["trigger_word"] == "pxco" and meta["rank"] == "4" and meta["steps"] == "10"
 
-    base = FluxPipeline.from_pretrained(tiny_model)
+    base = FluxPipeline.from_pretrained(random_flux)
     base.set_progress_bar_config(disable=True)
     kw = dict(prompt="pxco, portrait", height=64, width=64, num_inference_steps=2, max_sequence_length=32)
     before = base(**kw, generator=torch.Generator().manual_seed(0), output_type="pt").images

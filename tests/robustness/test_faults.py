@@ -40,7 +40,7 @@ def _same_tensors(a: Path, b: Path) -> bool:
 # -- kill the job driver, and the worker that holds rank 0 --------------------------------
 
 #: One validation forward, no previews: these runs are about saves, not learning.
-LEAN = ["sample.every=0", "validation.images=1", "validation.sigmas=[0.5]"]
+LEAN = ["sample.every=0", "validation.embedding_model=null", "validation.images=1", "validation.sigmas=[0.5]"]
 #: Saved every 2 steps; rank 0 dies at step 3 (one failure allowed), the driver once step 5 runs,
 #: well before the end.
 STEPS = 12
@@ -64,13 +64,13 @@ def _wait(client, job: str, until, what: str, timeout: float = 300) -> str:
 
 
 @pytest.fixture(scope="module")
-def killed_job(ray_cluster, tiny_model, prepared_sample, tmp_path_factory):
+def killed_job(ray_cluster, random_flux, prepared_sample, tmp_path_factory):
     """One job submitted with `ray job submit`: rank 0 exits at step 3 (Ray Train restarts the
     workers), then the driver is SIGKILLed once step 5 runs, and the same command is resubmitted."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     root = tmp_path_factory.mktemp("faults")
-    sets = [f"model.path={tiny_model}", f"dataset.path={prepared_sample}", f"storage.root={root}", *JOB]
+    sets = [f"model.path={random_flux}", f"dataset.path={prepared_sample}", f"storage.root={root}", *JOB]
     entrypoint = shlex.join([sys.executable, "jobs/train.py", "--config", "configs/tiny.yaml",
                              *[a for s in sets for a in ("--set", s)]])
     runtime_env = {"working_dir": str(REPO), "excludes": [".venv", ".git", "tests", "benchmarks"],

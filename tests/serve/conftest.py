@@ -44,7 +44,7 @@ def serve_url(ray_cluster):
 
 
 @pytest.fixture(scope="session")
-def deploy_service(serve_url, tiny_model):
+def deploy_service(serve_url, random_flux):
     """`deploy_service(root, **args)` -> Service: (re)deploys the app on the tiny config and waits
     until it answers; the module that deployed it calls `serve.delete` when done."""
     from ray import serve
@@ -55,7 +55,7 @@ def deploy_service(serve_url, tiny_model):
         # The session's tiny model (built once) and a per-module storage root; one Ray Train
         # worker, as 2 cores gain nothing from two.
         args = {"config": str(REPO / "configs" / "tiny.yaml"),
-                "overrides": [f"storage.root={root}", f"model.path={tiny_model}", "distributed.workers=1",
+                "overrides": [f"storage.root={root}", f"model.path={random_flux}", "distributed.workers=1",
                               *overrides],
                 **given}
         serve.run(build_app(args), name=APP, route_prefix="/")

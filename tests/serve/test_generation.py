@@ -22,11 +22,11 @@ PROMPT = SamplePrompt(prompt="pxco, portrait photo", seed=7, width=64, height=64
 
 
 @pytest.fixture(scope="module")
-def previews(tiny_model, tmp_path_factory):
+def previews(random_flux, tmp_path_factory):
     """Two LoRA files as training writes them, and the previews the training loop renders for them
     (key 0: the base model)."""
     folder = tmp_path_factory.mktemp("loras")
-    pipe = load_pipeline(str(tiny_model))
+    pipe = load_pipeline(str(random_flux))
     lora = LoraConfig(rank=4, alpha=8)  # alpha != rank: the file must carry the scale baked in
     params = add_lora(pipe.transformer, lora, seed=0)
     names = list(lora_named_params(pipe.transformer))
@@ -50,8 +50,8 @@ def previews(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture
-def served(tiny_model):
-    return LoraPipeline(load_pipeline(str(tiny_model)), MAX_LEN)
+def served(random_flux):
+    return LoraPipeline(load_pipeline(str(random_flux)), MAX_LEN)
 
 
 def render(served, lora):

@@ -21,8 +21,8 @@ def test_flux_dev_weights_per_token_are_6_46_billion():
     assert one_token / 4 / 1e9 == pytest.approx(6.46, rel=0.01)
 
 
-def test_counts_the_tiny_model_from_its_own_config(tiny_model):
-    config = FluxTransformer2DModel.load_config(tiny_model / "transformer")
+def test_counts_the_tiny_model_from_its_own_config(random_flux):
+    config = FluxTransformer2DModel.load_config(random_flux / "transformer")
     one = lora_step_flops(config, 64, 64, text_tokens=32)
     assert 0 < one < lora_step_flops(FLUX1_DEV, 64, 64, text_tokens=32) / 1e4
     assert lora_step_flops(config, 64, 64, text_tokens=32, batch_size=3) == pytest.approx(3 * one)

@@ -423,13 +423,13 @@ def test_ray_run_is_one_complete_mlflow_run_after_a_worker_failure(ray_runs, tin
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_runs_final_lora_artifact_loads_in_diffusers_and_is_registered(ray_runs, tiny_config, ray_driver,
-                                                                         tiny_model, tmp_path):
+                                                                         random_flux, tmp_path):
     from diffusers import FluxPipeline
 
     cfg, _, client, run = _tracked_run(ray_runs, tiny_config)
     path = client.download_artifacts(run.info.run_id, "lora/tracked.safetensors", str(tmp_path))
     assert open(path, "rb").read() == (cfg.storage_root / "loras" / "tracked.safetensors").read_bytes()
-    pipe = FluxPipeline.from_pretrained(tiny_model)
+    pipe = FluxPipeline.from_pretrained(random_flux)
     pipe.load_lora_weights(path, adapter_name="tracked")
     assert pipe.get_list_adapters() == {"transformer": ["tracked"]}
     version, = client.search_model_versions("name='pxco-tiny'")

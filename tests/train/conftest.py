@@ -1,4 +1,4 @@
-"""Train-test helpers: a DeepSpeed-wrapped LoRA of the tiny transformer at any ZeRO stage, in this
+"""Train-test helpers: a DeepSpeed-wrapped LoRA of the random model's transformer at any ZeRO stage, in this
 process (a gloo world of one), a synthetic step for it, and a non-square copy of the sample set."""
 
 from pathlib import Path
@@ -40,14 +40,14 @@ def lora_cfg() -> JobConfig:
 
 
 @pytest.fixture
-def lora_transformer(tiny_model):
-    """`lora_transformer(lora=lora_cfg.lora)` -> (the tiny transformer, its seeded LoRA parameters), no DeepSpeed."""
+def lora_transformer(random_flux):
+    """`lora_transformer(lora=lora_cfg.lora)` -> (the random model's transformer, its seeded LoRA parameters), no DeepSpeed."""
     from diffusers import FluxTransformer2DModel
 
     from fluxray.model.lora import add_lora
 
     def make(lora=CFG.lora):
-        tr = FluxTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer")
+        tr = FluxTransformer2DModel.from_pretrained(random_flux, subfolder="transformer")
         return tr, add_lora(tr, lora, seed=0)
 
     return make
@@ -55,7 +55,7 @@ def lora_transformer(tiny_model):
 
 @pytest.fixture
 def make_lora(lora_transformer):
-    """`make_lora(stage, cfg=lora_cfg, ema=True)` -> a `LoraEngine` of the tiny transformer at that ZeRO stage."""
+    """`make_lora(stage, cfg=lora_cfg, ema=True)` -> a `LoraEngine` of the random model's transformer at that ZeRO stage."""
     from fluxray.model.lora import lora_named_params
     from fluxray.train.engine import init_engine, init_single_process_group
 

@@ -28,6 +28,7 @@ BIN = Path(sys.executable).parent
 
 #: 20 steps at a high LR so learning shows; previews off except where a test needs them.
 RECIPE = ["train.steps=20", "train.lr=1e-2", "save.every=10", "validation.every=10", "sample.every=0",
+          "validation.embedding_model=null",
           "distributed.workers=2", "distributed.max_failures=0"]
 
 
@@ -91,7 +92,7 @@ def test_zero_stages_export_the_same_lora(fits, tiny_config, ray_driver):
     assert any(v.abs().max() > 0.05 for k, v in loras[0].items() if "lora_B" in k)
 
 
-def test_zero3_previews_are_what_generate_makes_from_the_lora_file(fits, tiny_config, ray_driver, tiny_model):
+def test_zero3_previews_are_what_generate_makes_from_the_lora_file(fits, tiny_config, ray_driver, random_flux):
     _stage_run(fits, tiny_config, 3)
     samples = fits["root"] / "runs" / "zero3" / "samples"
     for step in (0, 10, 20):
@@ -100,7 +101,7 @@ def test_zero3_previews_are_what_generate_makes_from_the_lora_file(fits, tiny_co
     # The last preview (rendered by ranks whose base weights are sharded) against a plain pipeline
     # with the final LoRA file loaded.
     cfg = fits["configs"]["zero3"]
-    pipe = FluxPipeline.from_pretrained(tiny_model)
+    pipe = FluxPipeline.from_pretrained(random_flux)
     pipe.set_progress_bar_config(disable=True)
 
     def render(k):
@@ -148,12 +149,12 @@ def _ray(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_ray_job_submit_runs_and_a_resubmitted_job_resumes(fits, tiny_config, ray_cluster, tiny_model,
+def test_ray_job_submit_runs_and_a_resubmitted_job_resumes(fits, tiny_config, ray_cluster, random_flux,
                                                            prepared_sample):
     """The documented `ray job submit --working-dir . -- python jobs/train.py` line, twice: the first
     job dies at step 15 (no failure allowed); `--resume` picks the run up at its step-10 checkpoint
     and ends with the uninterrupted run's LoRA."""
-    sets = [f"model.path={tiny_model}", f"dataset.path={prepared_sample}", f"storage.root={fits['root']}",
+    sets = [f"model.path={random_flux}", f"dataset.path={prepared_sample}", f"storage.root={fits['root']}",
             "save.name=job", *RECIPE]
     entry = ["python", "jobs/train.py", "--config", "configs/tiny.yaml", *[a for s in sets for a in ("--set", s)]]
 
@@ -205,13 +206,13 @@ def _resumed(fits, name: str, stage: int, ckpt: Path):
     return r
 
 
-def _one_adamw_step(saved, r, tiny_model) -> dict[str, torch.Tensor]:
+def _one_adamw_step(saved, r, random_flux) -> dict[str, torch.Tensor]:
     """The LoRA one optimizer step after `saved`, on the resumed run's batch, with plain torch (no DeepSpeed)."""
     from fluxray.model.lora import add_lora, lora_named_params
     from fluxray.train.step import training_loss
 
     cfg = r.cfg
-    tr = FluxPipeline.from_pretrained(tiny_model).transformer
+    tr = FluxPipeline.from_pretrained(random_flux).transformer
     params = add_lora(tr, cfg.lora, seed=cfg.train.seed)
     names = list(lora_named_params(tr))
     for p, n in zip(params, names):
@@ -248,7 +249,7 @@ def _assert_one_step_from_the_saved(got: dict, saved, expected: dict, initial: d
 @pytest.mark.parametrize("name, stage", [("zero2-ema-off", 2), ("zero2", 2), ("zero2", 3), ("zero3", 0)],
                          ids=["zero2-ema-off-to-zero2", "zero2-ema-on-to-zero2", "zero2-to-zero3", "zero3-to-zero0"])
 def test_a_2_worker_checkpoint_resumed_on_1_worker_keeps_what_it_learned(name, stage, fits, tiny_config, ray_driver,
-                                                                          tiny_model, capsys):
+                                                                          random_flux, capsys):
     from fluxray.train.checkpoint import read_checkpoint
     from fluxray.train.engine import gathered, lr_factor
     from fluxray.train.flow import ema_decay_at
@@ -276,10 +277,10 @@ def test_a_2_worker_checkpoint_resumed_on_1_worker_keeps_what_it_learned(name, s
         step_file = load_file(str(fits["root"] / "runs" / name / "loras" / f"{name}-step000010.safetensors"))
         assert _worst(step_file, saved.lora) == 0
 
-    expected = _one_adamw_step(saved, r, tiny_model)
+    expected = _one_adamw_step(saved, r, random_flux)
     r.train_step(10)
     got = dict(zip(r.lora.names, r.lora.values()))
-    _assert_one_step_from_the_saved(got, saved, expected, _initial_lora(r, tiny_model),
+    _assert_one_step_from_the_saved(got, saved, expected, _initial_lora(r, random_flux),
                                     atol=1e-5 if 3 in (saved.zero_stage, stage) else 1e-6)
     if t.ema:
         decay = ema_decay_at(10, t.ema_decay)
@@ -287,15 +288,15 @@ def test_a_2_worker_checkpoint_resumed_on_1_worker_keeps_what_it_learned(name, s
         assert _worst(dict(zip(r.lora.names, r.lora.ema)), ema) <= 1e-5
 
 
-def _initial_lora(r, tiny_model) -> dict[str, torch.Tensor]:
+def _initial_lora(r, random_flux) -> dict[str, torch.Tensor]:
     from fluxray.model.lora import add_lora, lora_named_params
 
-    tr = FluxPipeline.from_pretrained(tiny_model).transformer
+    tr = FluxPipeline.from_pretrained(random_flux).transformer
     add_lora(tr, r.cfg.lora, seed=r.cfg.train.seed)
     return {n: p.detach() for n, p in lora_named_params(tr).items()}
 
 
-def test_control_restoring_the_module_alone_loses_what_was_learned(fits, tiny_config, ray_driver, tiny_model,
+def test_control_restoring_the_module_alone_loses_what_was_learned(fits, tiny_config, ray_driver, random_flux,
                                                                    monkeypatch):
     """Today's loss, kept visible: the restore of the module's LoRA without DeepSpeed's fp32 master copy
     (how fluxray resumed across topologies before) passes the first checks, and one step later the
@@ -308,9 +309,9 @@ def test_control_restoring_the_module_alone_loses_what_was_learned(fits, tiny_co
     monkeypatch.setattr(engine, "_set_master", lambda param, value: None)
     r = _resumed(fits, "zero2-ema-off", 2, ckpt)
     assert _worst({n: p.detach() for n, p in zip(r.lora.names, r.lora.params)}, saved.lora) == 0  # the module holds it
-    expected = _one_adamw_step(saved, r, tiny_model)
+    expected = _one_adamw_step(saved, r, random_flux)
     r.train_step(10)
-    got, initial = dict(zip(r.lora.names, r.lora.values())), _initial_lora(r, tiny_model)
+    got, initial = dict(zip(r.lora.names, r.lora.values())), _initial_lora(r, random_flux)
     with pytest.raises(AssertionError, match="from one step after the saved LoRA"):
         _assert_one_step_from_the_saved(got, saved, expected, initial, atol=1e-6)
     assert _delta_norm(got) < 0.3 * _delta_norm(saved.lora)
@@ -318,7 +319,7 @@ def test_control_restoring_the_module_alone_loses_what_was_learned(fits, tiny_co
 
 
 def test_bf16_over_gloo_with_gradient_checkpointing_trains_a_non_square_set(fits, tiny_config, ray_driver,
-                                                                            non_square_sample, tiny_model):
+                                                                            non_square_sample, random_flux):
     """The GPU path on 2 CPU workers: a bf16 base (ZeRO-3 gathers it over gloo in bf16) under bf16
     autocast, gradient checkpointing on, 80x64 and 64x80 buckets, inline 80x64 previews; the LoRA
     learns and its file loads into a plain pipeline."""
@@ -339,7 +340,7 @@ def test_bf16_over_gloo_with_gradient_checkpointing_trains_a_non_square_set(fits
 
     saved = read_checkpoint(fits["root"] / "ray" / "bf16" / "checkpoint-step000020")
     assert {t.dtype for k in ("exp_avg", "exp_avg_sq") for t in saved.adam[k].values()} == {torch.float32}
-    pipe = FluxPipeline.from_pretrained(tiny_model, torch_dtype=torch.bfloat16)
+    pipe = FluxPipeline.from_pretrained(random_flux, torch_dtype=torch.bfloat16)
     pipe.load_lora_weights(str(fits["root"] / "loras" / "bf16.safetensors"), adapter_name="bf16")
 
 

@@ -364,7 +364,7 @@ def test_resume_restores_a_local_or_a_ray_written_checkpoint(tiny_config, capsys
     assert summary["start_step"] == 2 and summary["steps"] == 3
 
 
-def test_the_logged_grad_norm_is_the_norm_of_the_first_steps_gradients(tiny_config, tiny_model):
+def test_the_logged_grad_norm_is_the_norm_of_the_first_steps_gradients(tiny_config, random_flux):
     """`grad_norm` in metrics.jsonl (NaN on every step before), against the same first step computed with
     plain autograd on a LoRA that never saw DeepSpeed."""
     from fluxray.model.lora import add_lora
@@ -376,7 +376,7 @@ def test_the_logged_grad_norm_is_the_norm_of_the_first_steps_gradients(tiny_conf
     assert [m["step"] for m in rows] == [1, 2] and all(np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0 for m in rows)
 
     r = _recipe(cfg, "fill_caches")  # the run's data, caches and step settings; the step below is plain torch
-    tr = FluxPipeline.from_pretrained(tiny_model).transformer
+    tr = FluxPipeline.from_pretrained(random_flux).transformer
     params = add_lora(tr, cfg.lora, seed=cfg.train.seed)
     batch, captions, gen = r.micro_batch(0)
     training_loss(tr, batch, captions, r.caches.latents, r.caches.texts, r.spec, gen).backward()
