@@ -1,4 +1,5 @@
-"""Is it the subject? The previews' similarity to the training images in a CLIP image space.
+"""Is it the subject? The previews' likeness: their similarity to the training images in an image
+embedding (a CLIP vision model; for the demo model, the likeness embedder trained with it).
 
 `cosine_matrix`, `subject_similarity` and `similarity_trend` are pure functions of tensors and
 `(step, similarity)` points; `ImageEmbedder` loads `validation.embedding_model` once and embeds
@@ -13,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fluxray.advise.convergence import plateau_step
+from fluxray.advise.convergence import likeness_plateau_step
+from fluxray.config import TINY_MODEL
 from fluxray.errors import FluxrayError
 
 
@@ -25,6 +27,7 @@ class SimilarityTrend:
     best_step: int | None  # the step with the highest similarity (the earliest of a tie)
     best_similarity: float | None
     message: str
+    gain: float | None = None  # the last score minus the base model's (step 0's previews)
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -46,22 +49,25 @@ def subject_similarity(sample_embeds: torch.Tensor, train_embeds: torch.Tensor) 
 
 
 def similarity_trend(points: list[tuple[int, float]], patience: int = 5, min_delta: float = 0.01) -> SimilarityTrend:
-    """Where the similarity stopped improving, its best step, and the sentence the job page shows.
+    """Where the similarity stopped improving, its best step, how far above the base model it is,
+    and the sentence the job page shows.
 
-    The plateau is `plateau_step` on the cosine distance 1 - similarity (lower is better, and
-    never negative): on the negated similarity its relative drop would count a fall as progress.
-    `min_delta` is relative to that distance, the way left to a perfect match.
+    The plateau is `likeness_plateau_step`; the base model's score is step 0's, whose previews
+    are drawn without the LoRA.
     """
     if not points:
         return SimilarityTrend(None, None, None, "no sample similarity yet")
-    plateau = plateau_step([(s, 1.0 - v) for s, v in points], patience, min_delta)
+    plateau = likeness_plateau_step(points, patience, min_delta)
     best_step, best = max(points, key=lambda p: (p[1], -p[0]))
     step, last = points[-1]
+    base = dict(points).get(0)
+    gain = None if base is None or step == 0 else last - base
     text = f"sample similarity to the training images: {last:.2f} at step {step}"
+    text += f", {gain:+.2f} on the base model" if gain is not None else ""
     text += " (the best so far)" if best_step == step else f" (best {best:.2f} at step {best_step})"
     if plateau is not None:
         text += f"; no real improvement since step {plateau}"
-    return SimilarityTrend(plateau, best_step, best, text)
+    return SimilarityTrend(plateau, best_step, best, text, gain)
 
 
 class ImageEmbedder:
@@ -94,13 +100,13 @@ class ImageEmbedder:
         return torch.cat(rows)
 
 
-def resolve_embedding_model(name: str, storage_root: Path) -> str:
-    """The `from_pretrained` argument for `validation.embedding_model`; `tiny` is the embedded
-    test model, built under the storage root once (as `model.path: tiny` is)."""
-    if name == "tiny":
-        from fluxray.model.tiny import ensure_tiny_image_embedder
+def resolve_embedding_model(name: str) -> str:
+    """The `from_pretrained` argument for `validation.embedding_model`; `tiny` is the demo model's
+    likeness embedder, shipped beside it."""
+    if name == TINY_MODEL:
+        from fluxray.model.demo import likeness_model_dir
 
-        return str(ensure_tiny_image_embedder(Path(storage_root) / "models" / "tiny-clip-vision"))
+        return str(likeness_model_dir())
     return name
 
 
@@ -127,7 +133,7 @@ class SubjectJudge:
         """The judge of a job's previews: `validation.embedding_model` on its resolved sample prompts."""
         from fluxray.data.captions import has_trigger
 
-        return cls(resolve_embedding_model(cfg.validation.embedding_model, cfg.storage_root), training_images,
+        return cls(resolve_embedding_model(cfg.validation.embedding_model), training_images,
                    [has_trigger(p.prompt, trigger) for p in prompts])
 
     def score(self, images: list) -> float:

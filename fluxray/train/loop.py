@@ -138,7 +138,7 @@ class LoraRecipe:
         self.paths = RunPaths(cfg.storage_root, cfg.save.name)
         self.renderer = ctx.preview_renderer
         self.watch = ConvergenceWatch(cfg.train.early_stop_patience, cfg.train.early_stop_min_delta)
-        self.similarity = SimilarityLog(tracker)
+        self.similarity = SimilarityLog(tracker, self.watch)
         self.start = self.done = 0
         self.last_loss = float("nan")
         self.cache_seconds = self.sample_seconds = self.train_seconds = 0.0
@@ -343,7 +343,9 @@ class LoraRecipe:
             final = self.done == cfg.train.steps
             if self.done % cfg.validation_every == 0 or final:
                 self.validate(self.done)
-                final = final or (cfg.train.early_stop and self.watch.converged)
+                # Only rank 0 has the likeness scores: every rank stops on its word.
+                final = final or (cfg.train.early_stop and _all_reduce_sum([float(self.is_main and self.watch.converged)],
+                                                                           self.world)[0] > 0)
             tensors = None
             if self.done % cfg.save.every == 0 or final:
                 tensors = self.save(self.done)

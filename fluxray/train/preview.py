@@ -63,13 +63,14 @@ def unlogged_previews(run_dir: Path, start: int, every: int, step_lora) -> list[
 
 
 class SimilarityLog:
-    """Rank 0's record of `sample_similarity`: the metric at each scored preview step, and the
-    trend's sentence in the run status (the job page shows it)."""
+    """Rank 0's record of `sample_similarity` (the likeness): the metric at each scored preview step,
+    `sample_similarity_gain` over the base model's (step 0's) score, the trend's sentence in the run
+    status (the job page shows it), and each score handed to the loop's `ConvergenceWatch`."""
 
-    def __init__(self, tracker):
+    def __init__(self, tracker, watch=None):
         from fluxray.track.local import read_metrics
 
-        self.tracker = tracker
+        self.tracker, self.watch = tracker, watch
         # A resumed run's trend starts from the scores logged before the crash, not from nothing.
         self.points: dict[int, float] = {} if tracker is None else {
             r["step"]: r["sample_similarity"] for r in read_metrics(tracker.record.dir) if "sample_similarity" in r}
@@ -81,8 +82,13 @@ class SimilarityLog:
         if not scores or self.tracker is None:
             return
         for step, value in scores:
-            self.points.setdefault(step, value)  # a step scored again after a resume keeps its logged score
-            self.tracker.log_metrics({"sample_similarity": value}, step)
+            value = self.points.setdefault(step, value)  # a step scored again after a resume keeps its logged score
+            metrics = {"sample_similarity": value}
+            if step and 0 in self.points:
+                metrics["sample_similarity_gain"] = value - self.points[0]
+            self.tracker.log_metrics(metrics, step)
+            if self.watch is not None:
+                self.watch.add_likeness(step, value, self.tracker)
         self.tracker.status(similarity=similarity_trend(sorted(self.points.items())).message)
 
     def poll(self, renderer) -> None:

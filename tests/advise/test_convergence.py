@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from fluxray.advise.convergence import (ConvergenceWatch, best_checkpoint, convergence, plateau_step,
-                                        read_val_points, smooth)
+from fluxray.advise.convergence import (ConvergenceWatch, best_checkpoint, convergence, likeness_plateau_step,
+                                        plateau_step, read_val_points, smooth)
 from fluxray.advise.estimate import eta
 from fluxray.model.kohya import kohya_path
 from fluxray.track.local import read_metrics
@@ -91,6 +91,51 @@ def test_watch_logs_changes_only_and_says_when_to_stop():
     assert len(rec.tags) == len({json.dumps(t, sort_keys=True) for t in rec.tags})  # no repeated MLflow calls
     w.add(50, 1.2)  # no tracker (ranks > 0): nothing is logged
     assert ConvergenceWatch(3, 0.01).summary()["message"] == "no validation loss yet"
+
+
+def rising(steps, top=0.9, base=0.3, tau=100.0, noise=0.003, seed=0):
+    """A likeness curve that rises from the base model's score towards `top`, with a little noise."""
+    rng = random.Random(seed)
+    return [(s, top - (top - base) * math.exp(-s / tau) + rng.gauss(0, noise)) for s in steps]
+
+
+def test_with_a_likeness_score_the_likeness_decides_when_it_is_done_and_which_file_is_best():
+    val = [(s, 2.0 - s / 1000) for s in range(0, 1001, 25)]  # still falling at the end: the LoRA keeps fitting
+    likeness = rising(range(0, 1001, 25))
+    saved = range(0, 1001, 25)
+    c = convergence(val, saved, patience=5, min_delta=0.05, likeness=likeness)
+    assert c.val_plateau_step is None and c.likeness_plateau_step == likeness_plateau_step(likeness, 5, 0.05)
+    # The rise is over (the last 5% of the way left to a perfect match) well before the end.
+    assert c.converged_step == c.likeness_plateau_step and 150 <= c.converged_step <= 700, c
+    after = [v for s, v in likeness if s >= c.converged_step]
+    assert max(after) - min(after) < 0.03
+    best_step, best = max(likeness, key=lambda p: (p[1], -p[0]))
+    assert (c.best_step, c.best_likeness) == (best_step, best) and c.best_val_loss == dict(val)[best_step]
+    assert f"likely converged at step {c.converged_step}" in c.message
+    assert "the validation loss still improves" in c.message and f"best checkpoint: step {best_step}" in c.message
+    early = convergence(val[:5], saved, patience=5, min_delta=0.05, likeness=likeness[:5])
+    assert early.converged_step is None and "the likeness still rises at step 100" in early.message
+    flat = convergence(val, saved, patience=5, min_delta=0.05, likeness=[(s, 0.3) for s, _ in likeness])
+    assert flat.converged_step == 0 and "not learning the subject" in flat.message
+
+
+def test_the_watch_stops_on_the_likeness_and_keeps_it_across_a_resume():
+    rec = _Recorder()
+    w = ConvergenceWatch(patience=3, min_delta=0.05)
+    for step, loss, like in [(0, 2.0, 0.3), (10, 1.5, 0.6), (20, 1.2, 0.8), (30, 1.1, 0.8), (40, 1.0, 0.8),
+                             (50, 0.9, 0.8), (60, 0.8, 0.8), (70, 0.7, 0.8)]:
+        assert not w.converged
+        w.add(step, loss, rec)
+        w.saved(step, f"/runs/x-step{step:06d}.safetensors", rec)
+        w.add_likeness(step, like, rec)
+    # The validation loss still falls; the likeness (smoothed over 3) last rose at step 40: done.
+    assert w.converged and w.result.converged_step == w.result.likeness_plateau_step == 40
+    assert w.result.val_plateau_step is None and w.result.best_step == 20  # the first step at 0.8
+    assert rec.statuses[-1]["best_lora"] == "/runs/x-step000020.safetensors"
+    assert rec.tags[-1]["fluxray.likeness_plateau_step"] == str(w.result.likeness_plateau_step)
+    resumed = ConvergenceWatch(3, 0.05)
+    resumed.restore(json.loads(json.dumps(w.state())), upto=40)
+    assert resumed.likeness == [(s, v) for s, v in w.likeness if s <= 40] and resumed.points == w.points[:5]
 
 
 @pytest.mark.slow

@@ -17,21 +17,21 @@ from fluxray.track.local import read_metrics
 from fluxray.train.job import run_job
 
 
-def _cfg(tiny_model, prepared_sample, root, *extra):
+def _cfg(random_flux, prepared_sample, root, *extra):
     from pathlib import Path
 
     from fluxray.config import load_config
 
     repo = Path(__file__).resolve().parents[2]
     return load_config(repo / "configs" / "tiny.yaml", [
-        f"model.path={tiny_model}", f"dataset.path={prepared_sample}", f"storage.root={root}",
+        f"model.path={random_flux}", f"dataset.path={prepared_sample}", f"storage.root={root}",
         "save.name=learn", *extra])
 
 
 @pytest.fixture(scope="module")
-def run200(tmp_path_factory, tiny_model, prepared_sample):
+def run200(tmp_path_factory, random_flux, prepared_sample):
     root = tmp_path_factory.mktemp("learn")
-    cfg = _cfg(tiny_model, prepared_sample, root, "train.steps=200", "validation.every=50", "sample.every=200",
+    cfg = _cfg(random_flux, prepared_sample, root, "train.steps=200", "validation.every=50", "sample.every=200",
                "save.every=100", 'sample.prompts=["[trigger], professional portrait photo"]',
                "distributed.workers=1")
     summary = run_job(cfg, local=True)
@@ -87,11 +87,11 @@ def test_lora_file_has_diffusers_keys_and_metadata(run200):
     assert meta["trigger_word"] == "pxco" and meta["steps"] == "200" and meta["rank"] == "4"
 
 
-def test_final_preview_is_what_generate_makes_from_the_lora_file(run200, tiny_model):
+def test_final_preview_is_what_generate_makes_from_the_lora_file(run200, random_flux):
     root, cfg, _ = run200
     prompt = cfg.sample_prompts("pxco")[0]
     preview = np.asarray(__import__("PIL.Image").Image.open(root / "runs" / "learn" / "samples" / "step000200-sample_0.png"))
-    pipe = FluxPipeline.from_pretrained(tiny_model)
+    pipe = FluxPipeline.from_pretrained(random_flux)
     pipe.set_progress_bar_config(disable=True)
     embeds = encode_prompt(pipe, prompt.prompt, cfg.model.max_sequence_length)
     kw = dict(seed=prompt.seed, width=prompt.width, height=prompt.height, steps=prompt.steps, guidance=prompt.guidance)
@@ -105,7 +105,7 @@ def test_final_preview_is_what_generate_makes_from_the_lora_file(run200, tiny_mo
     assert np.array_equal(step0, base)  # step 0 previews the base model
 
 
-def test_training_step_leaves_the_base_weights_bit_identical(tiny_model, tmp_path):
+def test_training_step_leaves_the_base_weights_bit_identical(random_flux, tmp_path):
     """Drive the real step through the real DeepSpeed engine and compare every base tensor."""
     from fluxray.config import JobConfig, LoraConfig
     from fluxray.data.buckets import Item
@@ -114,7 +114,7 @@ def test_training_step_leaves_the_base_weights_bit_identical(tiny_model, tmp_pat
     from fluxray.train.engine import init_engine, init_single_process_group
     from fluxray.train.step import StepSpec, training_loss
 
-    pipe = FluxPipeline.from_pretrained(tiny_model)
+    pipe = FluxPipeline.from_pretrained(random_flux)
     tr = pipe.transformer
     before = {n: p.detach().clone() for n, p in tr.named_parameters()}
     params = add_lora(tr, LoraConfig(rank=4))
@@ -137,9 +137,9 @@ def test_training_step_leaves_the_base_weights_bit_identical(tiny_model, tmp_pat
     assert any(not torch.equal(a, b) for a, b in zip(lora_before, params))
 
 
-def test_a_preview_step_between_saves_keeps_its_lora_file(tiny_model, prepared_sample, tmp_path):
+def test_a_preview_step_between_saves_keeps_its_lora_file(random_flux, prepared_sample, tmp_path):
     """`<run>@<step>` needs the file of every previewed step, not only of the save steps."""
-    cfg = _cfg(tiny_model, prepared_sample, tmp_path, "train.steps=4", "save.every=4", "sample.every=2",
+    cfg = _cfg(random_flux, prepared_sample, tmp_path, "train.steps=4", "save.every=4", "sample.every=2",
                'sample.prompts=["[trigger], portrait"]', "sample.steps=2", "distributed.workers=1")
     run_job(cfg, local=True)
     loras = tmp_path / "runs" / "learn" / "loras"
@@ -147,7 +147,7 @@ def test_a_preview_step_between_saves_keeps_its_lora_file(tiny_model, prepared_s
     assert not (loras / "learn-step000002.kohya.safetensors").exists()  # a preview file, not a save
 
     prompt = cfg.sample_prompts("pxco")[0]
-    pipe = FluxPipeline.from_pretrained(tiny_model)
+    pipe = FluxPipeline.from_pretrained(random_flux)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(loras / "learn-step000002.safetensors"), adapter_name="s2")
     set_lora_scale(pipe.transformer, 1.0, adapter="s2")
@@ -188,7 +188,7 @@ def test_previews_are_scored_against_the_training_images(tiny_config):
     scores = {r["step"]: r["sample_similarity"] for r in read_metrics(run) if "sample_similarity" in r}
     assert sorted(scores) == [0, 2, 4]
 
-    judge = SubjectJudge(resolve_embedding_model("tiny", cfg.storage_root),
+    judge = SubjectJudge(resolve_embedding_model("tiny"),
                          [p for p, _ in read_prepared(cfg.dataset.path).items], [True, False])
     for step, value in scores.items():
         shown = [Image.open(run / "samples" / f"step{step:06d}-sample_{k}.png").convert("RGB") for k in (0, 1)]

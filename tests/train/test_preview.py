@@ -2,6 +2,8 @@
 real Ray job whose actor logs the previews generate() makes from each step's LoRA file while the
 workers train on."""
 
+import json
+
 import numpy as np
 import pytest
 from diffusers import FluxPipeline
@@ -90,8 +92,25 @@ def test_a_resumed_run_judges_the_similarity_trend_on_the_scores_logged_before_t
     resumed.add([(50, 0.10), (100, 0.70)])  # step 50 is scored again after the resume: the logged score stays
     assert resumed.points == {0: 0.50, 50: 0.80, 100: 0.70}
     assert [(r["step"], r["sample_similarity"]) for r in read_metrics(tmp_path)] == [(0, 0.5), (50, 0.8), (100, 0.7)]
+    # How much closer than the base model's previews (step 0's), also for the steps after the resume.
+    gains = [(r["step"], round(r["sample_similarity_gain"], 6)) for r in read_metrics(tmp_path)
+             if "sample_similarity_gain" in r]
+    assert gains == [(50, 0.3), (100, 0.2)]
     status = (tmp_path / "status.json").read_text()
-    assert "0.70 at step 100 (best 0.80 at step 50)" in status
+    assert "0.70 at step 100, +0.20 on the base model (best 0.80 at step 50)" in status
+
+
+def test_each_likeness_score_reaches_the_convergence_watch(tmp_path):
+    from fluxray.advise.convergence import ConvergenceWatch
+
+    watch = ConvergenceWatch(patience=2, min_delta=0.05)
+    log = SimilarityLog(Tracker(tmp_path), watch)
+    scores = [(0, 0.3), (10, 0.8), (20, 0.8), (30, 0.8), (40, 0.8), (50, 0.8)]
+    log.add(scores)
+    assert watch.likeness == scores
+    assert watch.converged  # the likeness alone says it is done: no validation loss was given
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["converged_step"] == watch.result.converged_step and "likely converged" in status["convergence"]
 
 
 def test_a_failed_render_fails_finish(tiny_config):
@@ -105,7 +124,7 @@ def test_a_failed_render_fails_finish(tiny_config):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_ray_job_logs_previews_from_its_actor_while_the_workers_train(tiny_config, ray_driver, tiny_model):
+def test_a_ray_job_logs_previews_from_its_actor_while_the_workers_train(tiny_config, ray_driver, random_flux):
     # 512², 8 sampling steps: a render takes ~10 training steps, so blocking would show. One worker
     # and the actor take the machine's 2 CPUs (two workers beside it are refused: test_admission).
     cfg = tiny_config("distributed.workers=1", "train.steps=4", "sample.every=2", "save.every=4",
@@ -133,7 +152,7 @@ def test_a_ray_job_logs_previews_from_its_actor_while_the_workers_train(tiny_con
     assert trained[3] < (samples / "step000002-grid.png").stat().st_mtime
 
     # Pixel for pixel what generate() makes from each step's LoRA file (step 0: the base model).
-    pipe = FluxPipeline.from_pretrained(tiny_model)
+    pipe = FluxPipeline.from_pretrained(random_flux)
     pipe.set_progress_bar_config(disable=True)
     paths = RunPaths(cfg.storage_root, "test-run")
     for step in (0, 2, 4):
