@@ -325,6 +325,7 @@ class JobService:
         view.update(
             losses=[[m["step"], m["loss"]] for m in metrics if m.get("loss") is not None],
             val_losses=[[m["step"], m["val_loss"]] for m in metrics if m.get("val_loss") is not None],
+            likeness=[[m["step"], m["sample_similarity"]] for m in metrics if m.get("sample_similarity") is not None],
             samples=samples,
             sample_prompts=[p.model_dump() for p in prompts],
             step_loras=step_lora_ids(self.root, rec.run_name),

@@ -43,7 +43,7 @@ def test_upload_train_watch_and_generate_from_the_page(service, page):
     from playwright.sync_api import expect
 
     page.goto(service.url + "/")
-    expect(page.locator("#steps")).to_have_value("40")  # prefilled from GET /v1/defaults (tiny.yaml)
+    expect(page.locator("#steps")).to_have_value("400")  # prefilled from GET /v1/defaults (tiny.yaml)
     page.set_input_files("#images", sorted(str(p) for p in SAMPLES.glob("*.png")))
     page.set_input_files("#captions", str(SAMPLES / "captions.json"))
     page.fill("#trigger", "pxco")
@@ -62,6 +62,9 @@ def test_upload_train_watch_and_generate_from_the_page(service, page):
     page.wait_for_function("[...document.querySelectorAll('#gallery img')].length === 3 && "
                            "[...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth === 64)")
     expect(page.locator("#loss-chart path.loss")).to_have_count(1)
+    # tiny.yaml scores the previews' likeness: its curve is drawn beside the loss (steps 0, 3 and 6).
+    expect(page.locator("#likeness-chart path.likeness")).to_have_count(1)
+    assert len(page.locator("#likeness-chart path.likeness").get_attribute("d").split("L")) == 3
     page.screenshot(path=str(ARTIFACTS / "2-job.png"), full_page=True)
 
     job = page.locator("#job-id").inner_text()

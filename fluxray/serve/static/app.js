@@ -196,6 +196,7 @@ function renderJob(job) {
     $("job-mlflow").append(a);
   }
   drawLoss(job.losses, job.val_losses);
+  drawLikeness(job.likeness || []);
   renderGallery(job.samples);
   updateLoraPicker(job);
   if (!state.prefilled && job.sample_prompts.length) {
@@ -214,24 +215,35 @@ function duration(s) {
 }
 
 function drawLoss(losses, valLosses) {
-  const svg = $("loss-chart");
+  drawLines($("loss-chart"), [{ points: losses, cls: "loss", key: "loss" }, { points: valLosses, cls: "val-loss", key: "val loss" }],
+    "no loss yet");
+}
+
+function drawLikeness(likeness) {
+  // The previews' likeness to the training images (`sample_similarity`), beside the loss; only where scored.
+  $("likeness-chart").hidden = !likeness.length;
+  if (likeness.length) drawLines($("likeness-chart"), [{ points: likeness, cls: "likeness", key: "likeness" }], "");
+}
+
+function drawLines(svg, series, empty) {
   const W = 600, H = 200, P = 28;
-  const all = losses.concat(valLosses);
-  if (!all.length) { svg.innerHTML = `<text x="${W / 2}" y="${H / 2}" text-anchor="middle" class="axis">no loss yet</text>`; return; }
+  const all = series.flatMap((s) => s.points);
+  if (!all.length) { svg.innerHTML = `<text x="${W / 2}" y="${H / 2}" text-anchor="middle" class="axis">${empty}</text>`; return; }
   const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
   const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1), y0 = Math.min(...ys), y1 = Math.max(...ys, y0 + 1e-9);
   const X = (x) => P + ((x - x0) / (x1 - x0)) * (W - 2 * P);
   const Y = (y) => H - P - ((y - y0) / (y1 - y0)) * (H - 2 * P);
   const line = (pts) => pts.map((p, i) => `${i ? "L" : "M"}${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`).join("");
+  const drawn = series.filter((s) => s.points.length);
   svg.innerHTML =
     `<line x1="${P}" y1="${H - P}" x2="${W - P}" y2="${H - P}" class="axis-line"/>` +
     `<line x1="${P}" y1="${P}" x2="${P}" y2="${H - P}" class="axis-line"/>` +
     `<text x="${P}" y="${P - 8}" class="axis">${y1.toPrecision(3)}</text>` +
     `<text x="${P}" y="${H - 8}" class="axis">${y0.toPrecision(3)} · step ${x0}</text>` +
     `<text x="${W - P}" y="${H - 8}" text-anchor="end" class="axis">step ${x1}</text>` +
-    `<path d="${line(losses)}" class="loss"/>` +
-    (valLosses.length ? `<path d="${line(valLosses)}" class="val-loss"/>` : "") +
-    `<text x="${W - P}" y="${P - 8}" text-anchor="end" class="axis"><tspan class="loss-key">— loss</tspan> <tspan class="val-key">— val loss</tspan></text>`;
+    drawn.map((s) => `<path d="${line(s.points)}" class="${s.cls}"/>`).join("") +
+    `<text x="${W - P}" y="${P - 8}" text-anchor="end" class="axis">` +
+    series.map((s) => `<tspan class="${s.cls}-key">— ${s.key}</tspan>`).join(" ") + `</text>`;
 }
 
 function renderGallery(samples) {
