@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from fluxray.data.sample import Portrait, generic_portraits, likeness_labels
 from fluxray.model.demo import DEMO_MAX_SEQUENCE_LENGTH, LIKENESS_IMAGE_SIZE, demo_dir_names
 
-# The shipped v1 weights were built on the shared 2-core CPU machine by an earlier revision of this
-# recipe (the transformer trained on all kinds of portraits, not only the plain ones); a full build
-# takes over an hour there (a run of this file reached transformer step 2200 of 3000 in 43 min). A
-# rebuild with this file is a new version (bump `fluxray.model.demo.DEMO_VERSION`). Its quality is
-# what tests/model/test_demo.py measures, not its bits.
+# The shipped v1 weights (fluxray/model/weights/, with demo-flux-v1-build.json, what the build measured)
+# are `build(OUT, Recipe(images=4000, flux_steps=1500), vae_from=VAE)`: the VAE of an earlier full run's
+# stage 1 (2800 steps, about 18 min), then the transformer and the likeness embedder in 17 min, on the
+# shared 2-core CPU machine with one torch thread. The full Recipe() takes over an hour there. A rebuild
+# is a new version (bump `fluxray.model.demo.DEMO_VERSION`); its quality is what
+# tests/model/test_demo.py measures, not its bits.
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ def _log(msg: str) -> None:
 
 def _pixels(images) -> torch.Tensor:
     """PIL images -> (n, 3, h, w) in [-1, 1], as the latent cache scales them."""
-    return torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -261,7 +263,8 @@ def sample_grid(pipe, size: int, seeds=(0, 1)):
     from fluxray.model.generate import image_grid
 
     images = [pipe(prompt, width=size, height=size, num_inference_steps=20, guidance_scale=3.5,
-                   max_sequence_length=DEMO_MAX_SEQUENCE_LENGTH, generator=torch.Generator().manual_seed(seed)).images[0]
+                   max_sequence_length=DEMO_MAX_SEQUENCE_LENGTH,
+                   generator=torch.Generator().manual_seed(seed)).images[0]
               for prompt in GRID_PROMPTS for seed in seeds]
     return image_grid(images, cols=len(seeds))
 
@@ -372,7 +375,7 @@ def build(out_dir: Path, recipe: Recipe = Recipe(), progress_dir: Path | None = 
         recon = torch.cat([vae.decode(vae.encode(pixels[i:i + 64]).latent_dist.mean).sample
                            for i in range(0, min(len(pixels), 2000), 64)])
     images = [p.image for p in portraits] + _to_pil(recon)
-    labels = torch.tensor([likeness_labels(p) for p in portraits] + [likeness_labels(p) for p in portraits[:len(recon)]])
+    labels = torch.tensor([likeness_labels(p) for p in portraits + portraits[:len(recon)]])
     torch.manual_seed(seed + 2)
     embedder, processor, heads = train_likeness(images, labels, recipe, gens[2])
     accuracy = likeness_accuracy(embedder, processor, heads, [p.image for p in held_out],
@@ -406,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fluxray.train.pretrain_demo", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="folder to write the demo pipeline and likeness embedder into")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a few steps of each stage (checks the code, not the model)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few steps of each stage (checks the code, not the model)")
     parser.add_argument("--progress", type=Path, help="folder for sample grids every 1000 transformer steps")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is far faster on a machine others load too)")
     parser.add_argument("--vae-from", type=Path, help="a trained VAE's folder (from --progress) instead of stage 1")
