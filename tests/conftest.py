@@ -53,6 +53,12 @@ QUICK = ["train.steps=40", "train.lr=0.001", "lora.rank=4", "sample.every=20", "
          "validation.embedding_model=null"]
 
 
+@pytest.fixture(scope="session")
+def quick_recipe() -> list[str]:
+    """QUICK, for the tests that build their configs at a wider scope than `tiny_config`."""
+    return list(QUICK)
+
+
 @pytest.fixture
 def tiny_config(session_root, random_flux, prepared_sample, tmp_path):
     """`tiny_config(*overrides)` -> a validated JobConfig: configs/tiny.yaml on the random model and

@@ -54,7 +54,8 @@ def likeness_plateau_step(points: list[tuple[int, float]], patience: int = 5, mi
     return plateau_step([(s, 1.0 - v) for s, v in points], patience, min_delta)
 
 
-def best_checkpoint(points: list[tuple[int, float]], saved_steps, higher_is_better: bool = False) -> tuple[int, float] | None:
+def best_checkpoint(points: list[tuple[int, float]], saved_steps,
+                    higher_is_better: bool = False) -> tuple[int, float] | None:
     """(step, value) of the saved step with the lowest value (validation loss), or the highest
     (likeness); the earliest of a tie."""
     saved = set(saved_steps)
@@ -99,8 +100,9 @@ def convergence(points: list[tuple[int, float]], saved_steps=(), patience: int =
     else:
         text = (f"likely converged at step {plateau}: the likeness has not risen by {min_delta:.0%} of the way "
                 f"left to a perfect match over the {patience} previews since")
-    text += ("; the validation loss " + ("still improves" if val_plateau is None else f"flattened at step {val_plateau}")
-             if points else "")
+    if points:
+        text += "; the validation loss " + ("still improves" if val_plateau is None else
+                                            f"flattened at step {val_plateau}")
     if best:
         text += f"; best checkpoint: step {best[0]} (likeness {best[1]:.2f})"
     best_loss = dict(points).get(best[0]) if best else None

@@ -434,8 +434,8 @@ def _caption_tokens(f: _Facts) -> list[Advice]:
 def _demo(f: _Facts) -> list[Advice]:
     return [_a("model.demo", "info", "model.path",
                f"model.path={TINY_MODEL} is the demo model, which trains in minutes on a CPU: the guide's advice on "
-               "steps, passes per image, EMA, previews and caption dropout is about a likeness on FLUX.1-dev, "
-               "so it is not checked here",
+               "steps, learning rate, passes per image, EMA, previews and caption dropout is about a likeness on "
+               "FLUX.1-dev, so it is not checked here",
                "for your subject, start from configs/flux-dev.yaml (fluxray advise --config configs/flux-dev.yaml)")]
 
 
@@ -506,6 +506,6 @@ def _saving(f: _Facts) -> list[Advice]:
 
 
 #: Rules for every model: a job that would fail, previews that show the wrong thing, odd settings.
-_RULES = [_prompts, _lr, _batch, _lora, _training_guidance, _resolution, _saving, _caption_tokens]
+_RULES = [_prompts, _batch, _lora, _training_guidance, _resolution, _saving, _caption_tokens]
 #: The guide's advice for a likeness on FLUX.1-dev; the demo model gets `_demo` instead.
-_LIKENESS = [_steps, _repeats, _ema, _sampling, _captions]
+_LIKENESS = [_steps, _lr, _repeats, _ema, _sampling, _captions]

@@ -154,23 +154,32 @@ def test_the_shipped_demo_config_draws_no_warning_and_says_once_why(tmp_path, ra
     # The guide's likeness advice is left out for the demo model only: the same settings on a
     # model folder get it.
     other = {a.id for a in advise(load_config(REPO / "configs" / "tiny.yaml", demo + [f"model.path={random_flux}"]))}
-    assert {"steps.too_few", "ema.too_slow"} <= other and "model.demo" not in other
+    assert {"steps.below_recommended", "lr.too_high"} <= other and "model.demo" not in other
 
 
-def test_captions_longer_than_clip_or_t5_reads_are_counted_once(tiny_config, random_flux, prepared_sample):
+def test_captions_longer_than_clip_or_t5_reads_are_counted_once(tiny_config, random_flux, prepared_sample, tmp_path):
+    import shutil
+
     from transformers import AutoTokenizer
 
-    texts = [json.loads(line)["text"] for line in (prepared_sample / "metadata.jsonl").read_text().splitlines()]
+    # The sample's captions, each written twice: longer than CLIP's 77 tokens too (its tokenizer knows
+    # every caption word, so one caption is some 55 tokens).
+    shutil.copytree(prepared_sample, tmp_path / "long")
+    rows = [json.loads(line) for line in (prepared_sample / "metadata.jsonl").read_text().splitlines()]
+    rows = [{**r, "text": r["text"] + " " + r["text"]} if k % 3 else r for k, r in enumerate(rows)]
+    (tmp_path / "long" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts = [r["text"] for r in rows]
     clip = AutoTokenizer.from_pretrained(random_flux, subfolder="tokenizer")
     t5 = AutoTokenizer.from_pretrained(random_flux, subfolder="tokenizer_2")
     over_clip = sum(len(clip(t).input_ids) > 77 for t in texts)
     over_32 = sum(len(t5(t).input_ids) > 32 for t in texts)
-    assert 0 < over_clip and 0 < over_32  # the sample's captions are long
-    a = ids(tiny_config(), image_sizes=None)["captions.truncated"]  # tiny.yaml: model.max_sequence_length 32
+    assert 0 < over_clip < over_32  # the doubled captions are long for both, the others for T5's 32
+    long = f"dataset.path={tmp_path / 'long'}"
+    a = ids(tiny_config(long), image_sizes=None)["captions.truncated"]  # tiny.yaml: model.max_sequence_length 32
     assert a.severity == "info" and a.key == "model.max_sequence_length"
     assert a.message == (f"{over_clip} of the 18 captions are longer than the 77 CLIP tokens: CLIP sees their first "
                          f"77; {over_32} are longer than model.max_sequence_length=32 T5 tokens: T5 sees their first 32")
-    a = ids(tiny_config("model.max_sequence_length=512"), image_sizes=None)["captions.truncated"]
+    a = ids(tiny_config(long, "model.max_sequence_length=512"), image_sizes=None)["captions.truncated"]
     assert a.message.endswith("CLIP sees their first 77, T5 the whole caption") and a.key == "dataset.path"
     assert "captions.truncated" not in ids(tiny_config("dataset.path=null"), image_sizes=None)
 

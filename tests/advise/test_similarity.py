@@ -59,7 +59,7 @@ def test_a_falling_similarity_is_no_improvement():
     falling = [(s, 0.8 - 0.005 * i) for i, s in enumerate(range(0, 401, 50))]
     t = similarity_trend(falling, patience=5)
     assert t.plateau_step == 0 and t.best_step == 0
-    assert "0.76 at step 400 (best 0.80 at step 0)" in t.message
+    assert "0.76 at step 400, -0.04 on the base model (best 0.80 at step 0)" in t.message
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,8 @@ def _cfg(random_flux, prepared_sample, root, name):
 
     return load_config(REPO / "configs" / "tiny.yaml", [
         f"model.path={random_flux}", f"dataset.path={prepared_sample}", f"storage.root={root}",
-        f"save.name={name}", "train.steps=3", "sample.every=0", "validation.embedding_model=null", "save.every=3", "distributed.workers=1",
+        f"save.name={name}", "train.steps=3", "sample.every=0", "validation.embedding_model=null", "save.every=3",
+        "distributed.workers=1",
         "dataset.resolutions=[64, 128]"])
 
 

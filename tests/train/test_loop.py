@@ -17,7 +17,7 @@ from fluxray.track.local import read_metrics
 from fluxray.train.job import run_job
 
 
-def _cfg(random_flux, prepared_sample, root, *extra):
+def _cfg(random_flux, prepared_sample, root, quick_recipe, *extra):
     from pathlib import Path
 
     from fluxray.config import load_config
@@ -25,14 +25,14 @@ def _cfg(random_flux, prepared_sample, root, *extra):
     repo = Path(__file__).resolve().parents[2]
     return load_config(repo / "configs" / "tiny.yaml", [
         f"model.path={random_flux}", f"dataset.path={prepared_sample}", f"storage.root={root}",
-        "save.name=learn", *extra])
+        "save.name=learn", *quick_recipe, *extra])
 
 
 @pytest.fixture(scope="module")
-def run200(tmp_path_factory, random_flux, prepared_sample):
+def run200(tmp_path_factory, random_flux, prepared_sample, quick_recipe):
     root = tmp_path_factory.mktemp("learn")
-    cfg = _cfg(random_flux, prepared_sample, root, "train.steps=200", "validation.every=50", "sample.every=200",
-               "save.every=100", 'sample.prompts=["[trigger], professional portrait photo"]',
+    cfg = _cfg(random_flux, prepared_sample, root, quick_recipe, "train.steps=200", "validation.every=50",
+               "sample.every=200", "save.every=100", 'sample.prompts=["[trigger], professional portrait photo"]',
                "distributed.workers=1")
     summary = run_job(cfg, local=True)
     return root, cfg, summary
@@ -137,10 +137,10 @@ def test_training_step_leaves_the_base_weights_bit_identical(random_flux, tmp_pa
     assert any(not torch.equal(a, b) for a, b in zip(lora_before, params))
 
 
-def test_a_preview_step_between_saves_keeps_its_lora_file(random_flux, prepared_sample, tmp_path):
+def test_a_preview_step_between_saves_keeps_its_lora_file(random_flux, prepared_sample, quick_recipe, tmp_path):
     """`<run>@<step>` needs the file of every previewed step, not only of the save steps."""
-    cfg = _cfg(random_flux, prepared_sample, tmp_path, "train.steps=4", "save.every=4", "sample.every=2",
-               'sample.prompts=["[trigger], portrait"]', "sample.steps=2", "distributed.workers=1")
+    cfg = _cfg(random_flux, prepared_sample, tmp_path, quick_recipe, "train.steps=4", "save.every=4",
+               "sample.every=2", 'sample.prompts=["[trigger], portrait"]', "sample.steps=2", "distributed.workers=1")
     run_job(cfg, local=True)
     loras = tmp_path / "runs" / "learn" / "loras"
     assert (loras / "learn-step000002.safetensors").is_file()
