@@ -6,13 +6,17 @@ with `load_lora_weights`, regenerates it from its caption: the final latent land
 far nearer than the base model's does. Every convention the loss shares with the sampler is on that
 path: the direction of σ (x_σ = (1-σ)·x₀ + σ·ε, target ε - x₀, sampled from σ = 1 down to 0), the
 timestep scale (σ in [0, 1]; the pipeline divides its 0..1000 timesteps by 1000 and the transformer
-multiplies by 1000), the 2x2 latent packing, the image position ids, the guidance value and the VAE's
-shift and scaling. The negative controls break one of them in the loss and train again: the LoRA
-learns a mapping the sampler never asks for, and the same check fails.
+multiplies by 1000), the 2x2 latent packing, the image position ids and the VAE's shift and scaling (the guidance value
+is 1 on both sides; the demo model was pretrained to ignore it). The negative controls break one of
+them in the loss and train again: the LoRA learns a mapping the sampler never asks for, and the same
+check fails. Not the timestep's scale, nor the σ label alone: a LoRA that memorises one picture reads
+the noise level off the noisy latent itself, so it needs no timestep (measured: cosine 0.96 trained
+with σ·1000, or with 1 - σ, as the transformer's timestep).
 
 The base is the demo model: it draws generic people, so the LoRA only has to learn one of them (a
 random-weight base needs thousands of LoRA steps for one image). The caption is the bare trigger,
-which tells the base model nothing: its picture is a stranger's.
+which tells the base model nothing: its picture is a stranger's (a portrait too, so its latent's
+cosine to the image is about 0.5, not 0).
 """
 
 from pathlib import Path
@@ -36,7 +40,7 @@ pytestmark = pytest.mark.slow
 SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "pxco"
 
 SIZE, CAPTION, TOKENS = 64, "pxco", 32
-STEPS, LR, RANK = 300, 2e-3, 16
+STEPS, LR, RANK, BATCH = 50, 1e-2, 16, 4  # cosine 0.97 here; the base model's 0.5
 GUIDANCE = 1.0  # train.guidance, and here also the sampler's guidance_scale: one value on both sides
 
 
@@ -69,7 +73,7 @@ def _train(target, path: Path) -> Path:
     params = add_lora(transformer, LoraConfig(rank=RANK), seed=0)
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     for s in range(STEPS):
-        loss = training_loss(transformer, [item], [CAPTION], {item: target[:2]}, {CAPTION: text},
+        loss = training_loss(transformer, [item] * BATCH, [CAPTION] * BATCH, {item: target[:2]}, {CAPTION: text},
                              spec, torch.Generator().manual_seed(s))
         opt.zero_grad()
         loss.backward()
@@ -103,15 +107,15 @@ def test_a_lora_trained_on_one_image_regenerates_it_through_an_unmodified_pipeli
     assert _agrees(trained, base_cosine), (trained, base_cosine)
 
 
-FORWARD, PACK, IDS = step_mod.flux_forward, step_mod.pack_latents, step_mod.latent_image_ids
+NOISY, TARGET, PACK, IDS = step_mod.noisy_latents, step_mod.flow_target, step_mod.pack_latents, step_mod.latent_image_ids
 
 
-def _sigma_reversed(transformer, packed, sigmas, *args):
-    return FORWARD(transformer, packed, 1 - sigmas, *args)  # told 1 - σ where the sampler says σ
+def _noise_at_sigma_0(x0, noise, sigmas):
+    return NOISY(noise, x0, sigmas)  # x_σ = (1-σ)·ε + σ·x₀: σ = 0 is the noise, where the sampler starts at 1
 
 
-def _timestep_times_1000(transformer, packed, sigmas, *args):
-    return FORWARD(transformer, packed, sigmas * 1000, *args)  # the 0..1000 scale, which the model multiplies again
+def _target_towards_noise_at_0(x0, noise):
+    return TARGET(noise, x0)  # x₀ - ε, the velocity of that direction
 
 
 def _packed_transposed(latents):
@@ -122,14 +126,14 @@ def _rows_and_cols_swapped(height, width, *args, **kwargs):
     return IDS(height, width, *args, **kwargs)[:, [0, 2, 1]]
 
 
-@pytest.mark.parametrize("name,broken", [
-    ("flux_forward", _sigma_reversed),
-    ("flux_forward", _timestep_times_1000),
-    ("pack_latents", _packed_transposed),
-    ("latent_image_ids", _rows_and_cols_swapped),
-], ids=["sigma-direction", "timestep-scale", "packing", "position-ids"])
+@pytest.mark.parametrize("broken", [
+    {"noisy_latents": _noise_at_sigma_0, "flow_target": _target_towards_noise_at_0},
+    {"pack_latents": _packed_transposed},
+    {"latent_image_ids": _rows_and_cols_swapped},
+], ids=["sigma-direction", "packing", "position-ids"])
 def test_a_convention_the_sampler_does_not_share_fails_the_same_check(target, base_cosine, tmp_path, monkeypatch,
-                                                                      name, broken):
-    monkeypatch.setattr(step_mod, name, broken)
+                                                                      broken):
+    for name, fn in broken.items():
+        monkeypatch.setattr(step_mod, name, fn)
     trained = _regenerated_cosine(target, _train(target, tmp_path / "off.safetensors"))
-    assert not _agrees(trained, base_cosine), (name, trained, base_cosine)
+    assert not _agrees(trained, base_cosine), (list(broken), trained, base_cosine)
