@@ -60,7 +60,7 @@ def test_config_prints_the_resolved_config():
     import yaml
 
     data = yaml.safe_load(r.stdout)
-    assert data["train"]["steps"] == 7 and data["lora"]["rank"] == 16 and data["train"]["lr"] == 0.001  # tiny.yaml's
+    assert data["train"]["steps"] == 7 and data["lora"]["rank"] == 16 and data["train"]["lr"] == 0.005  # tiny.yaml's
 
 
 def test_set_errors_name_the_set_value_and_file_errors_the_file(tmp_path):
