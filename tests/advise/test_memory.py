@@ -140,23 +140,23 @@ def test_activations_scale_with_the_hidden_size_as_planned():
     assert activation_bytes(wide, 256, 256, 64, rank=8) == pytest.approx(measured, rel=0.03)
 
 
-def test_text_encoders_and_vae_count_like_the_models(tiny_model):
+def test_text_encoders_and_vae_count_like_the_models(random_flux):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, T5EncoderModel
 
     from fluxray.model.quantize import module_bytes, quantize_text_encoder
 
-    t5_cfg = json.loads((tiny_model / "text_encoder_2" / "config.json").read_text())
-    clip_cfg = json.loads((tiny_model / "text_encoder" / "config.json").read_text())
-    t5 = T5EncoderModel.from_pretrained(tiny_model, subfolder="text_encoder_2", torch_dtype=torch.bfloat16)
-    clip = CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder")
+    t5_cfg = json.loads((random_flux / "text_encoder_2" / "config.json").read_text())
+    clip_cfg = json.loads((random_flux / "text_encoder" / "config.json").read_text())
+    t5 = T5EncoderModel.from_pretrained(random_flux, subfolder="text_encoder_2", torch_dtype=torch.bfloat16)
+    clip = CLIPTextModel.from_pretrained(random_flux, subfolder="text_encoder")
     assert t5_params(t5_cfg) == sum(p.numel() for p in t5.parameters())
     assert clip_params(clip_cfg) == sum(p.numel() for p in clip.parameters())
     assert t5_bytes(t5_cfg) == sum(module_bytes(t5).values())
     assert t5_bytes(t5_cfg, quantize=True) == sum(module_bytes(quantize_text_encoder(t5, "cpu")).values())
     # FLUX.1-dev's: T5-XXL's 4.76 B and CLIP-L's 123 M parameters.
     assert t5_params(T5_XXL) == 4_762_310_656 and clip_params(CLIP_L) == 123_060_480
-    vae = AutoencoderKL.from_pretrained(tiny_model, subfolder="vae", torch_dtype=torch.bfloat16)
+    vae = AutoencoderKL.from_pretrained(random_flux, subfolder="vae", torch_dtype=torch.bfloat16)
     x = torch.randn(1, 3, 128, 128, dtype=torch.bfloat16)
     meter = LiveBytes(list(vae.parameters()) + [x])
     with torch.no_grad(), meter:

@@ -161,16 +161,21 @@ def test_ordinals():
 # -- on the session's cluster (the machine's 2 CPUs) -------------------------------------------
 
 #: Two steps on 2 workers (both CPUs), one save, one validation forward, no previews.
-QUICK = ["train.steps=2", "save.every=2", "validation.every=2", "validation.images=1", "validation.sigmas=[0.5]",
-         "sample.every=0", "distributed.workers=2", "distributed.max_failures=0"]
+TWO_STEPS = ["train.steps=2", "save.every=2", "validation.every=2", "validation.images=1", "validation.sigmas=[0.5]",
+             "sample.every=0", "distributed.workers=2", "distributed.max_failures=0"]
 
 
-def _entrypoint(root, name: str, *sets: str, tiny_model, prepared_sample) -> str:
+@pytest.fixture
+def base_sets(random_flux, prepared_sample, quick_recipe) -> list[str]:
+    """The random model, the sample set and the quick recipe, as `--set`s."""
+    return [f"model.path={random_flux}", f"dataset.path={prepared_sample}", *quick_recipe]
+
+
+def _entrypoint(root, name: str, *sets: str, base: list[str]) -> str:
     import shlex
     import sys
 
-    sets = [f"model.path={tiny_model}", f"dataset.path={prepared_sample}", f"storage.root={root}",
-            f"save.name={name}", *QUICK, *sets]
+    sets = [*base, f"storage.root={root}", f"save.name={name}", *TWO_STEPS, *sets]
     return shlex.join([sys.executable, "jobs/train.py", "--config", "configs/tiny.yaml",
                        *[a for s in sets for a in ("--set", s)]])
 
@@ -188,7 +193,7 @@ def _status(root, name: str) -> dict:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_jobs_back_to_back_run_in_order_and_the_second_waits_pending_without_workers(
-        ray_driver, tiny_model, prepared_sample, tmp_path):
+        ray_driver, base_sets, tmp_path):
     import subprocess
     import sys
     import time
@@ -200,8 +205,7 @@ def test_two_jobs_back_to_back_run_in_order_and_the_second_waits_pending_without
     env = {"working_dir": str(REPO), "excludes": [".venv", ".git", "tests", "benchmarks"]}
     jobs = {}
     for name in ("first", "second"):
-        jobs[name] = client.submit_job(entrypoint=_entrypoint(tmp_path, name, tiny_model=tiny_model,
-                                                              prepared_sample=prepared_sample), runtime_env=env)
+        jobs[name] = client.submit_job(entrypoint=_entrypoint(tmp_path, name, base=base_sets), runtime_env=env)
     seen_pending, listing = [], None
     deadline = time.time() + 900
     while not all(client.get_job_status(j).is_terminal() for j in jobs.values()):
@@ -239,7 +243,7 @@ def test_two_jobs_back_to_back_run_in_order_and_the_second_waits_pending_without
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_job_that_can_never_fit_is_refused_at_once_by_the_cli_and_ray_job_submit(
-        ray_driver, tiny_model, prepared_sample, tmp_path):
+        ray_driver, base_sets, tmp_path):
     import os
     import subprocess
     import sys
@@ -248,16 +252,14 @@ def test_a_job_that_can_never_fit_is_refused_at_once_by_the_cli_and_ray_job_subm
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     expected = ("distributed: the job needs 3 workers x 1 CPU; the cluster has 2 CPU: set distributed.workers=2")
-    sets = [f"model.path={tiny_model}", f"dataset.path={prepared_sample}", f"storage.root={tmp_path}",
-            "distributed.workers=3"]
+    sets = [*base_sets, f"storage.root={tmp_path}", "distributed.workers=3"]
     r = subprocess.run([str(Path(sys.executable).parent / "fluxray"), "train", "--config", "configs/tiny.yaml",
                         *[a for s in sets for a in ("--set", s)]], cwd=REPO, capture_output=True, text=True,
                        timeout=300, env={**os.environ, "RAY_ADDRESS": ray_driver.address})
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == f"fluxray train: error: {expected}", r.stderr
 
     client = JobSubmissionClient(ray_driver.dashboard_url)
-    job = client.submit_job(entrypoint=_entrypoint(tmp_path, "too-big", "distributed.workers=3", tiny_model=tiny_model,
-                                                   prepared_sample=prepared_sample),
+    job = client.submit_job(entrypoint=_entrypoint(tmp_path, "too-big", "distributed.workers=3", base=base_sets),
                             runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".git", "tests", "benchmarks"]})
     deadline = time.time() + 300
     while not client.get_job_status(job).is_terminal():

@@ -44,15 +44,15 @@ def two_nodes(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def spread_run(two_nodes, tiny_model, prepared_sample, tmp_path_factory, train_workers):
+def spread_run(two_nodes, random_flux, quick_recipe, prepared_sample, tmp_path_factory, train_workers):
     """`fluxray train` of 2 spread workers from a shell that holds the service's token; the second
     node's worker is SIGKILLed once step 6 has run (after the step-4 save)."""
     head, worker = two_nodes
     root = tmp_path_factory.mktemp("two-nodes")
-    sets = [f"model.path={tiny_model}", f"dataset.path={prepared_sample}", f"storage.root={root}", "save.name=spread",
-            f"train.steps={STEPS}", f"save.every={EVERY}", f"validation.every={STEPS}", "validation.images=1",
-            "validation.sigmas=[0.5]", "sample.every=0", "distributed.workers=2", "distributed.placement=spread",
-            "distributed.max_failures=1"]
+    sets = [f"model.path={random_flux}", f"dataset.path={prepared_sample}", f"storage.root={root}", *quick_recipe,
+            "save.name=spread", f"train.steps={STEPS}", f"save.every={EVERY}", f"validation.every={STEPS}",
+            "validation.images=1", "validation.sigmas=[0.5]", "sample.every=0", "distributed.workers=2",
+            "distributed.placement=spread", "distributed.max_failures=1"]
     # Every rank's line in the log (Ray folds lines that differ only in numbers and ids).
     env = {**os.environ, "RAY_ADDRESS": head.address, "FLUXRAY_API_TOKEN": SECRET, "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.Popen([str(Path(sys.executable).parent / "fluxray"), "train", "--config", "configs/tiny.yaml",

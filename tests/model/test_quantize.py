@@ -26,9 +26,9 @@ def test_fp8_needs_compute_capability_8_9():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_block_linears_hold_the_quantized_type_at_the_planned_bytes(tiny_model, kind):
-    tr = load_transformer(str(tiny_model), kind, torch.bfloat16)
-    dims = json.loads((tiny_model / "transformer" / "config.json").read_text())
+def test_block_linears_hold_the_quantized_type_at_the_planned_bytes(random_flux, kind):
+    tr = load_transformer(str(random_flux), kind, torch.bfloat16)
+    dims = json.loads((random_flux / "transformer" / "config.json").read_text())
     for name, m in tr.named_modules():
         if isinstance(m, torch.nn.Linear):
             in_block = name.startswith(("transformer_blocks.", "single_transformer_blocks."))
@@ -42,7 +42,7 @@ def test_block_linears_hold_the_quantized_type_at_the_planned_bytes(tiny_model, 
 
 
 @pytest.fixture(scope="module")
-def val_set(tiny_model, prepared_sample, tmp_path_factory):
+def val_set(random_flux, prepared_sample, tmp_path_factory):
     """Cached latents and embeddings of two sample images at 64 px (the loop's own cache code)."""
     from PIL import Image
 
@@ -60,7 +60,7 @@ def val_set(tiny_model, prepared_sample, tmp_path_factory):
         with Image.open(p) as im:
             sizes.append(im.size)
     items = make_items(sizes, [64])
-    pipe = load_pipeline(str(tiny_model), torch.float32)
+    pipe = load_pipeline(str(random_flux), torch.float32)
     store = CacheStore(tmp_path_factory.mktemp("cache"), "tiny", 32)
     caches = build_caches(pipe, store=store, images=images, items=items, texts=captions + [""],
                           load_text_encoders=lambda: None)
@@ -84,7 +84,7 @@ def _val(tr, val_set, spec) -> float:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_lora_trained_on_a_quantized_base_works_on_the_unquantized_model(tiny_model, val_set, tmp_path, kind):
+def test_a_lora_trained_on_a_quantized_base_works_on_the_unquantized_model(random_flux, val_set, tmp_path, kind):
     """30 steps of the real step function (fp32 LoRA, bf16 autocast) on the quantized base; the file
     then loads into a plain FluxPipeline with `load_lora_weights` and helps it too."""
     from fluxray.model.generate import generate
@@ -93,7 +93,7 @@ def test_a_lora_trained_on_a_quantized_base_works_on_the_unquantized_model(tiny_
     from fluxray.train.step import training_loss
 
     items, captions, caches, _ = val_set
-    pipe = load_pipeline(str(tiny_model), torch.bfloat16, quantize=kind)
+    pipe = load_pipeline(str(random_flux), torch.bfloat16, quantize=kind)
     tr = pipe.transformer
     quantized = {n: m.weight for n, m in tr.named_modules() if quantized_kind(getattr(m, "weight", torch.empty(0)))}
     qbytes = module_bytes(tr)[kind]
@@ -122,7 +122,7 @@ def test_a_lora_trained_on_a_quantized_base_works_on_the_unquantized_model(tiny_
     tensors = export_state_dict(dict(lora_named_params(tr)), 1.0, "fp32")
     path = save_lora(tmp_path / f"{kind}.safetensors", tensors, lora_metadata(
         trigger_word="pxco", base_model="tiny", rank=8, alpha=8, steps=30, resolution=[64], name=kind))
-    plain = load_pipeline(str(tiny_model), torch.bfloat16)
+    plain = load_pipeline(str(random_flux), torch.bfloat16)
     plain_spec = _spec(plain)
     embeds = caches.texts[captions[0]]
     kw = dict(seed=3, width=64, height=64, steps=2, guidance=3.5)

@@ -1,5 +1,5 @@
 """Serve fixtures: Ray Serve on the session's cluster (HTTP proxy on 127.0.0.1, a free port),
-`deploy_service(**args)` that runs the fluxray app there with the tiny model, and `http` / `dataset`
+`deploy_service(**args)` that runs the fluxray app there with the random model, and `http` / `dataset`
 (a client of a module's `service`, the sample set uploaded to it)."""
 
 from __future__ import annotations
@@ -44,22 +44,23 @@ def serve_url(ray_cluster):
 
 
 @pytest.fixture(scope="session")
-def deploy_service(serve_url, random_flux):
-    """`deploy_service(root, **args)` -> Service: (re)deploys the app on the tiny config and waits
-    until it answers; the module that deployed it calls `serve.delete` when done."""
+def deploy_service(serve_url, random_flux, quick_recipe):
+    """`deploy_service(root, **args)` -> Service: (re)deploys the app on the tiny config, cut to the
+    quick recipe unless `quick=False` (a test of the demo's own settings), and waits until it
+    answers; the module that deployed it calls `serve.delete` when done."""
     from ray import serve
 
     from fluxray.serve.app import build_app
 
-    def deploy(root: Path, overrides: tuple[str, ...] = (), **given) -> Service:
-        # The session's tiny model (built once) and a per-module storage root; one Ray Train
+    def deploy(root: Path, overrides: tuple[str, ...] = (), quick: bool = True, **given) -> Service:
+        # The session's random model (built once) and a per-module storage root; one Ray Train
         # worker, as 2 cores gain nothing from two.
         args = {"config": str(REPO / "configs" / "tiny.yaml"),
-                "overrides": [f"storage.root={root}", f"model.path={random_flux}", "distributed.workers=1",
-                              *overrides],
+                "overrides": [f"storage.root={root}", f"model.path={random_flux}", *(quick_recipe if quick else ()),
+                              "distributed.workers=1", *overrides],
                 **given}
         serve.run(build_app(args), name=APP, route_prefix="/")
-        svc = Service(serve_url, Path(root), {"overrides": overrides, **given}, given.get("api_token"))
+        svc = Service(serve_url, Path(root), {"overrides": overrides, "quick": quick, **given}, given.get("api_token"))
         deadline = time.time() + 120
         while True:
             try:

@@ -43,7 +43,7 @@ def one_accel(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def deployed(one_accel, tiny_model, tmp_path_factory):
+def deployed(one_accel, random_flux, quick_recipe, tmp_path_factory):
     """configs/serve.yaml with its args set for this cluster, `serve deploy`ed; (url, storage root)."""
     from fluxray.cluster import free_port
 
@@ -54,7 +54,7 @@ def deployed(one_accel, tiny_model, tmp_path_factory):
     config = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
     config["http_options"]["port"] = port = free_port()
     args = config["applications"][0]["args"]
-    args["overrides"] = [f"storage.root={root}", f"model.path={tiny_model}", "distributed.workers=1",
+    args["overrides"] = [f"storage.root={root}", f"model.path={random_flux}", *quick_recipe, "distributed.workers=1",
                          "distributed.resources_per_worker={accel: 1}"]
     args.update(api_token_file=str(token_file), generation_resources={"accel": 1}, generation_idle_s=5)
     path = root.parent / "serve.yaml"

@@ -20,7 +20,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
 def service(deploy_service, tmp_path_factory):
     from ray import serve
 
-    svc = deploy_service(tmp_path_factory.mktemp("serve-page"))
+    # The demo's own settings (tiny.yaml as shipped): the page prefills them and draws the likeness curve.
+    svc = deploy_service(tmp_path_factory.mktemp("serve-page"), quick=False)
     yield svc
     serve.delete("fluxray")
 

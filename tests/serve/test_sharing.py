@@ -1,8 +1,8 @@
-"""The service and training share the machine's 2 CPUs, as the README runs them: the tiny config as
-shipped (2 workers), the sample photos uploaded, a job started with the prefilled settings while
-generation is warm. The job waits PENDING saying why, runs to SUCCEEDED, generate answers 503 at
-once while training holds the CPUs and works after; a `ray job submit` job into the same storage
-root is in the service's list and queue."""
+"""The service and training share the machine's 2 CPUs, as the README runs them: the tiny config
+(2 workers; on the random model with the quick recipe), the sample photos uploaded, a job started
+with the prefilled settings while generation is warm. The job waits PENDING saying why, runs to
+SUCCEEDED, generate answers 503 at once while training holds the CPUs and works after; a `ray job
+submit` job into the same storage root is in the service's list and queue."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def timed(call):
 
 
 @pytest.fixture(scope="module")
-def shared(service, http, dataset, ray_cluster, tiny_model, prepared_sample, jobs_helpers):
+def shared(service, http, dataset, ray_cluster, random_flux, quick_recipe, prepared_sample, jobs_helpers):
     """The scenario, once; what each step saw. A `ray job submit` job follows the service's
     job while that one waits."""
     from ray.job_submission import JobSubmissionClient
@@ -59,8 +59,8 @@ def shared(service, http, dataset, ray_cluster, tiny_model, prepared_sample, job
             seen["generate_running"] = timed(lambda: http.post("/v1/generate", json=SMALL))
         if "cli_job" not in seen and view["queue_position"]:
             # A job from `ray job submit` into the same root, while this one waits: it queues behind.
-            sets = (f"model.path={tiny_model}", f"dataset.path={prepared_sample}", f"storage.root={service.root}",
-                    "save.name=from-ray-job-submit", "train.steps=2", "save.every=2", "sample.every=0",
+            sets = (f"model.path={random_flux}", f"dataset.path={prepared_sample}", f"storage.root={service.root}",
+                    *quick_recipe, "save.name=from-ray-job-submit", "train.steps=2", "save.every=2", "sample.every=0",
                     "validation.every=2", "validation.images=1")
             seen["cli_job"] = ray_jobs.submit_job(
                 entrypoint=shlex.join([sys.executable, "jobs/train.py", "--config", "configs/tiny.yaml",

@@ -150,12 +150,12 @@ def _ray(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def test_ray_job_submit_runs_and_a_resubmitted_job_resumes(fits, tiny_config, ray_cluster, random_flux,
-                                                           prepared_sample):
+                                                           prepared_sample, quick_recipe):
     """The documented `ray job submit --working-dir . -- python jobs/train.py` line, twice: the first
     job dies at step 15 (no failure allowed); `--resume` picks the run up at its step-10 checkpoint
     and ends with the uninterrupted run's LoRA."""
     sets = [f"model.path={random_flux}", f"dataset.path={prepared_sample}", f"storage.root={fits['root']}",
-            "save.name=job", *RECIPE]
+            "save.name=job", *quick_recipe, *RECIPE]  # as tiny_config makes the zero0 run it is compared with
     entry = ["python", "jobs/train.py", "--config", "configs/tiny.yaml", *[a for s in sets for a in ("--set", s)]]
 
     def submit(*flags: str, args: tuple = (), check: bool = True) -> tuple[subprocess.CompletedProcess, str]:
@@ -364,7 +364,7 @@ def test_a_local_run_goes_on_on_2_ray_workers(fits, tiny_config, ray_driver):
 
 
 def test_an_int8_base_trains_on_2_workers_at_zero2_and_its_lora_works_on_the_plain_model(fits, tiny_config, ray_driver,
-                                                                                         tiny_model):
+                                                                                         random_flux):
     """The quantized base through `deepspeed.initialize` on 2 ranks (int8, fp8 and nf4 go through the same
     load and engine path on 1 worker in tests/train/test_loop.py): the workers' block linears stay int8 at
     the plan's bytes, the validation loss falls, and the file changes a plain FluxPipeline's image."""
@@ -374,7 +374,7 @@ def test_an_int8_base_trains_on_2_workers_at_zero2_and_its_lora_works_on_the_pla
                    "distributed.zero_stage=2", "train.steps=30", "train.lr=3e-2", "save.every=30",
                    "validation.every=30", "train.ema=false")
     assert summary["steps"] == 30 and summary["zero_stage"] == 2
-    dims = json.loads((tiny_model / "transformer" / "config.json").read_text())
+    dims = json.loads((random_flux / "transformer" / "config.json").read_text())
     lora = _lora(fits, "int8-zero2")
     # The workers' base: int8 blocks, the rest bf16, plus the fp32 LoRA the plan does not count as base.
     assert summary["base_bytes"]["int8"] > 0
@@ -383,7 +383,7 @@ def test_an_int8_base_trains_on_2_workers_at_zero2_and_its_lora_works_on_the_pla
     val = [m["val_loss"] for m in read_metrics(fits["root"] / "runs" / "int8-zero2") if "val_loss" in m]
     assert val[-1] < 0.9 * val[0], val
 
-    plain = FluxPipeline.from_pretrained(str(tiny_model), torch_dtype=torch.bfloat16)
+    plain = FluxPipeline.from_pretrained(str(random_flux), torch_dtype=torch.bfloat16)
     embeds = encode_prompt(plain, "pxco, portrait", max_sequence_length=32)
     kw = dict(seed=3, width=64, height=64, steps=2, guidance=3.5)
     image = np.asarray(generate(plain, embeds, **kw))
@@ -394,9 +394,9 @@ def test_an_int8_base_trains_on_2_workers_at_zero2_and_its_lora_works_on_the_pla
 @pytest.fixture(scope="module")
 def mid_model(fits):
     """A mid-size FLUX pipeline: 1 + 24 blocks of hidden 64, so that no block is much of the model (< 9 %)."""
-    from fluxray.model.tiny import ensure_tiny_model
+    from fluxray.model.tiny import ensure_random_flux
 
-    return ensure_tiny_model(fits["root"] / "models" / "mid-flux", double_blocks=1, single_blocks=24, heads=4)
+    return ensure_random_flux(fits["root"] / "models" / "mid-flux", double_blocks=1, single_blocks=24, heads=4)
 
 
 PHASES = ["load", "caches", "engine", "steps", "validation", "previews", "save"]

@@ -385,7 +385,7 @@ def test_the_logged_grad_norm_is_the_norm_of_the_first_steps_gradients(tiny_conf
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8", "nf4"])
-def test_the_recipe_trains_on_a_quantized_base_and_its_lora_works_on_the_plain_model(kind, tiny_config, tiny_model,
+def test_the_recipe_trains_on_a_quantized_base_and_its_lora_works_on_the_plain_model(kind, tiny_config, random_flux,
                                                                                      capsys):
     """load_model quantizes the block linears as they load; under the DeepSpeed engine they keep their
     type and bytes, the precision design holds (fp32 LoRA and AdamW, bf16 autocast, the rest of the base
@@ -424,7 +424,7 @@ def test_the_recipe_trains_on_a_quantized_base_and_its_lora_works_on_the_plain_m
     assert summary["base_bytes"][kind] == module_bytes(tr)[kind]  # the base is what it was
     assert summary["memory_plan"]["setting"].startswith(f"{kind} base")
 
-    plain = load_pipeline(str(tiny_model), torch.bfloat16)
+    plain = load_pipeline(str(random_flux), torch.bfloat16)
     embeds = r.caches.texts[r.data.captions[0]]
     kw = dict(seed=3, width=64, height=64, steps=2, guidance=3.5)
     image = np.asarray(generate(plain, embeds, **kw))
