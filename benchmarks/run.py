@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/run.py --only f   # on a GPU box: FLUX.1-dev's s/step, MFU and memory per base
 
 a. steady-state step time of fluxray's Ray + DeepSpeed worker vs a bare PyTorch loop (same model, batch)
-b. step time with and without the latent / text-embedding caches (tiny model)
+b. step time with and without the latent / text-embedding caches (the random test model)
 c. transformer parameters held per worker under ZeRO 0 and ZeRO 3, 2 workers
 d. time from submission to the first step, for a job on a running cluster
 e. share of wall time spent sampling with the default sample config: inline in one process, and (not in
@@ -208,7 +208,7 @@ def bench_submit_to_first_step(ctx) -> dict:
 
 
 def bench_sampling_share(ctx) -> dict:
-    """The default sample config (every 50 steps, the guide's 3 prompts, 20 steps, 1024²) on the tiny model."""
+    """The default sample config (every 50 steps, the guide's 3 prompts, 20 steps, 1024²) on the random test model."""
     from fluxray.config import JobConfig
     from fluxray.train.job import run_job
 
@@ -246,7 +246,7 @@ def bench_gpu_mfu(ctx) -> dict:
 
     if not torch.cuda.is_available():
         out = {"skipped": "no CUDA device"}
-        if ctx.quick:  # CI: the same measurement code on the tiny transformer, so a GPU run finds it working
+        if ctx.quick:  # CI: the same code on the random test model's transformer, so a GPU run finds it working
             out["cpu_dry_run"] = _quantized_step_times(ctx.random_flux, torch.device("cpu"), (64,), 4, None)
         return out
     dev = torch.device("cuda")

@@ -172,8 +172,8 @@ def dataset_texts(cfg: JobConfig, trigger: str | None) -> list[str]:
 
 
 def _tokenizers(cfg: JobConfig):
-    """(CLIP, T5) tokenizers of `model.path` when they are on this machine (a folder, the built
-    tiny model or the HF cache); None otherwise. Nothing is downloaded."""
+    """(CLIP, T5) tokenizers of `model.path` when they are on this machine (a folder, the shipped
+    demo model or the HF cache); None otherwise. Nothing is downloaded."""
     from fluxray.model.source import local_model_folder
 
     folder = local_model_folder(cfg)
