@@ -34,11 +34,12 @@ from fluxray.data.sample import Portrait, generic_portraits, likeness_labels
 from fluxray.model.demo import DEMO_MAX_SEQUENCE_LENGTH, LIKENESS_IMAGE_SIZE, demo_dir_names
 
 # The shipped v1 weights (fluxray/model/weights/, with demo-flux-v1-build.json, what the build measured)
-# are `build(OUT, Recipe(images=4000, flux_steps=1500), vae_from=VAE)`: the VAE of an earlier full run's
-# stage 1 (2800 steps, about 18 min), then the transformer and the likeness embedder in 17 min, on the
-# shared 2-core CPU machine with one torch thread. The full Recipe() takes over an hour there. A rebuild
-# is a new version (bump `fluxray.model.demo.DEMO_VERSION`); its quality is what
-# tests/model/test_demo.py measures, not its bits.
+# are `build(OUT, Recipe(), vae_from=VAE)`: the VAE of an earlier run of this recipe's stage 1 (2800
+# steps, about 18 min), then the transformer (12000 steps) and the likeness embedder in 33 min, on the
+# 2-core CPU machine with one torch thread: the whole Recipe() takes about 55 min there. The transformer
+# learns slowly: at 1500 steps the prompts changed its pictures by 7 of 255, at 4000 by 16, at 12000 by
+# 24 (flux loss 0.40, 0.28, 0.22). A rebuild is a new version (bump `fluxray.model.demo.DEMO_VERSION`);
+# its quality is what tests/model/test_demo.py measures, not its bits.
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class Recipe:
     single_blocks: int = 4
     heads: int = 4
     head_dim: int = 32
-    flux_steps: int = 3000
+    flux_steps: int = 12000
     flux_batch: int = 16
     flux_lr: float = 1.5e-3
     flux_timestep_shift: float = 2.0
@@ -232,14 +233,14 @@ def pretrain_flux(pipe, means: torch.Tensor, logvars: torch.Tensor, portraits: l
             grid = sample_grid(pipe, recipe.size)
             grid.save(progress_dir / f"flux-step{step + 1:05d}.png")
             transformer.save_pretrained(progress_dir / "transformer")  # the latest, to look at
-            _log(f"flux step {step + 1}: the prompts change the pictures by {_prompt_effect(grid, recipe.size):.1f} "
+            _log(f"flux step {step + 1}: the prompts change the pictures by {prompt_effect(grid, recipe.size):.1f} "
                  "of 255 (pixels, mean over seeds)")
             transformer.train()
     transformer.eval().requires_grad_(False)
     return sum(losses[-100:]) / len(losses[-100:])
 
 
-def _prompt_effect(grid, size: int) -> float:
+def prompt_effect(grid, size: int) -> float:
     """Mean absolute pixel difference between the grid's rows (prompts), column by column (seeds)."""
     arr = np.asarray(grid, dtype=np.float32)
     rows = arr.reshape(arr.shape[0] // size, size, arr.shape[1], 3)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from fluxray.config import load_config
+
 pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.browser, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +46,8 @@ def test_upload_train_watch_and_generate_from_the_page(service, page):
     from playwright.sync_api import expect
 
     page.goto(service.url + "/")
-    expect(page.locator("#steps")).to_have_value("400")  # prefilled from GET /v1/defaults (tiny.yaml)
+    # Prefilled from GET /v1/defaults: tiny.yaml's own demo settings.
+    expect(page.locator("#steps")).to_have_value(str(load_config(REPO / "configs" / "tiny.yaml").train.steps))
     page.set_input_files("#images", sorted(str(p) for p in SAMPLES.glob("*.png")))
     page.set_input_files("#captions", str(SAMPLES / "captions.json"))
     page.fill("#trigger", "pxco")

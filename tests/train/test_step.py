@@ -16,7 +16,7 @@ with σ·1000, or with 1 - σ, as the transformer's timestep).
 The base is the demo model: it draws generic people, so the LoRA only has to learn one of them (a
 random-weight base needs thousands of LoRA steps for one image). The caption is the bare trigger,
 which tells the base model nothing: its picture is a stranger's (a portrait too, so its latent's
-cosine to the image is about 0.5, not 0).
+cosine to the image is about 0.6, not 0).
 """
 
 from pathlib import Path
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.slow
 SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "pxco"
 
 SIZE, CAPTION, TOKENS = 64, "pxco", 32
-STEPS, LR, RANK, BATCH = 50, 1e-2, 16, 4  # cosine 0.97 here; the base model's 0.5
+STEPS, LR, RANK, BATCH = 50, 1e-2, 16, 4  # cosine 0.99 here; the base model's 0.59
 GUIDANCE = 1.0  # train.guidance, and here also the sampler's guidance_scale: one value on both sides
 
 
@@ -104,6 +104,7 @@ def _agrees(trained: float, base: float) -> bool:
 
 def test_a_lora_trained_on_one_image_regenerates_it_through_an_unmodified_pipeline(target, base_cosine, tmp_path):
     trained = _regenerated_cosine(target, _train(target, tmp_path / "one.safetensors"))
+    print(f"regenerated latent cosine: trained {trained:.3f}, base {base_cosine:.3f}")
     assert _agrees(trained, base_cosine), (trained, base_cosine)
 
 
