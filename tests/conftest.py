@@ -50,7 +50,7 @@ def prepared_sample(session_root) -> Path:
 
 #: configs/tiny.yaml cut to a quick recipe for the random model: what tests run, unless they say otherwise.
 QUICK = ["train.steps=40", "train.lr=0.001", "lora.rank=4", "sample.every=20", "sample.steps=4", "save.every=20",
-         "validation.embedding_model=null"]
+         "train.early_stop_min_delta=0.01", "validation.embedding_model=null"]
 
 
 @pytest.fixture(scope="session")
