@@ -31,7 +31,8 @@ def test_the_demand_counts_workers_gpus_custom_resources_and_a_forced_preview_ac
     assert job_demand(tiny("sample.mode=auto"), 0).actor is None
     d = job_demand(tiny("sample.mode=actor", "sample.actor_cpus=0.5"), 0)
     assert d.actor == {"CPU": 0.5} and d.total() == {"CPU": 2.5}
-    assert job_demand(tiny("sample.mode=actor", "sample.every=0"), 0).actor is None
+    # No previews, no actor (and no likeness to score: the demo's embedding_model goes too).
+    assert job_demand(tiny("sample.mode=actor", "sample.every=0", "validation.embedding_model=null"), 0).actor is None
 
 
 def test_pack_places_every_bundle_on_one_node():
