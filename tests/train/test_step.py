@@ -104,7 +104,6 @@ def _agrees(trained: float, base: float) -> bool:
 
 def test_a_lora_trained_on_one_image_regenerates_it_through_an_unmodified_pipeline(target, base_cosine, tmp_path):
     trained = _regenerated_cosine(target, _train(target, tmp_path / "one.safetensors"))
-    print(f"regenerated latent cosine: trained {trained:.3f}, base {base_cosine:.3f}")
     assert _agrees(trained, base_cosine), (trained, base_cosine)
 
 
